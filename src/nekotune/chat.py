@@ -1,0 +1,121 @@
+"""`nekotune chat` (interactive, streaming, multi-turn) and `nekotune ask` (one answer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+from nekotune.data.formats import Conversation, Turn
+from nekotune.generate import GenSettings, generate, stream
+from nekotune.model import load_for_inference
+
+HELP = """commands:
+  /reset          forget the conversation
+  /system TEXT    set the system prompt (and reset); /system alone shows it
+  /set KEY VALUE  generation setting: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
+  /help           this help
+  /exit           quit (also `exit`, Ctrl-D)
+Ctrl-C while the model writes stops that answer."""
+
+SETTING_TYPES = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int,
+                 "repetition_penalty": float, "seed": int}
+
+
+def run_chat(cfg, model_arg: str | None, system: str | None = None, stdin=None, stdout=None) -> int:
+    stdin = stdin or sys.stdin
+    out = stdout or sys.stdout
+    loaded = load_for_inference(cfg, model_arg)
+    settings = GenSettings.from_config(loaded.cfg.generate)
+    conv = Conversation(system=system)
+    interactive = stdin.isatty()
+    out.write(f"nekotune chat with {loaded.spec.label}. /help for commands, /exit to quit.\n")
+    out.flush()
+    while True:
+        try:
+            if interactive:
+                line = input("you> ")
+            else:
+                out.write("you> ")
+                out.flush()
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+                line = line.rstrip("\n")
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("exit", "quit", "/exit", "/quit"):
+            return 0
+        if text.startswith("/"):
+            conv, settings = _slash(text, conv, settings, out)
+            continue
+        conv.turns.append(Turn("user", text))
+        out.write("neko> ")
+        out.flush()
+        stop = threading.Event()
+        pieces: list[str] = []
+        try:
+            for piece in stream(loaded.model, loaded.renderer, conv, settings, stop=stop):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            stop.set()
+            out.write(" [stopped]")
+        out.write("\n")
+        out.flush()
+        conv.turns.append(Turn("assistant", "".join(pieces).strip() or "..."))
+
+
+def _slash(text: str, conv: Conversation, settings: GenSettings, out):
+    cmd, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if cmd == "/reset":
+        out.write("(conversation reset)\n")
+        return Conversation(system=conv.system), settings
+    if cmd == "/system":
+        if not arg:
+            out.write(f"(system prompt: {conv.system or 'the template default'})\n")
+            return conv, settings
+        out.write("(system prompt set; conversation reset)\n")
+        return Conversation(system=arg), settings
+    if cmd == "/set":
+        key, _, value = arg.partition(" ")
+        if key not in SETTING_TYPES:
+            out.write(f"(unknown setting {key!r}; one of {', '.join(SETTING_TYPES)})\n")
+            return conv, settings
+        try:
+            new = GenSettings(**{**settings.__dict__, key: SETTING_TYPES[key](value)}).validated()
+        except Exception as exc:  # a bad number or a value out of range
+            out.write(f"(not set: {exc})\n")
+            return conv, settings
+        out.write(f"({key} = {getattr(new, key)})\n")
+        return conv, new
+    if cmd == "/help":
+        out.write(HELP + "\n")
+        return conv, settings
+    out.write(f"(unknown command {cmd}; /help lists them)\n")
+    return conv, settings
+
+
+def ask(cfg, model_arg: str | None, question: str, as_json: bool = False, system: str | None = None) -> int:
+    from nekotune.errors import UserError
+
+    if not question.strip():
+        raise UserError("the question is empty; pass the question as one argument in quotes")
+    loaded = load_for_inference(cfg, model_arg)
+    settings = GenSettings.from_config(loaded.cfg.generate)
+    conv = Conversation(turns=[Turn("user", question.strip())], system=system)
+    answer = generate(loaded.model, loaded.renderer, conv, settings)
+    if as_json:
+        print(json.dumps({"model": loaded.spec.label, "question": question, "answer": answer}, ensure_ascii=False))
+    else:
+        print(answer)
+    return 0

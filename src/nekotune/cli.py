@@ -1,0 +1,347 @@
+"""Thin command line: parse arguments, call one function per command.
+
+No stage imports this module. A UserError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nekotune.errors import UserError
+
+EXIT_USER = 2
+EXIT_INTERRUPTED = 130
+
+
+def _split_rest(rest: list[str]) -> tuple[str | None, list[str]]:
+    """`[cfg.yaml] key=value ...` -> (config path, overrides)."""
+    config, overrides = None, []
+    for item in rest:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None and item.endswith((".yaml", ".yml")):
+            config = item
+        else:
+            raise UserError(f"unexpected argument {item!r}; give a config .yaml file and key=value overrides")
+    return config, overrides
+
+
+def _config(args, default_to_demo: bool = True):
+    from nekotune.config import load_config
+
+    path, overrides = _split_rest(getattr(args, "rest", []) or [])
+    return load_config(path, overrides, default_to_demo=default_to_demo)
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from nekotune.compare import print_before_after
+    from nekotune.train import TrainingInterrupted, train
+
+    if args.nproc and args.nproc > 1:
+        from nekotune.distributed import launch_torchrun
+
+        return launch_torchrun(args.nproc, getattr(args, "rest", []) or [])
+    cfg = _config(args)
+
+    def after(model, renderer, run):
+        if cfg.output.sample_prompts and not args.no_samples:
+            print_before_after(model, renderer, cfg)
+        print(f"\nadapter saved to {run / 'adapter'}; chat with it: nekotune chat --model {run}")
+
+    try:
+        train(cfg, show_progress=not args.no_progress and sys.stdout.isatty() or args.progress, after_train=after)
+    except TrainingInterrupted as exc:
+        where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
+        print(f"nekotune: interrupted; saved {where}. Resume with: nekotune train "
+              f"{' '.join(args.rest or [])} output.dir={exc.run} train.resume=true", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    cfg = _config(args)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from nekotune.data.check import check_file
+
+    cfg = _config(args)
+    return check_file(args.file, cfg, model=args.model)
+
+
+def cmd_chat(args) -> int:
+    from nekotune.chat import run_chat
+
+    cfg = _config(args, default_to_demo=False)
+    return run_chat(cfg, args.model, system=args.system)
+
+
+def cmd_ask(args) -> int:
+    from nekotune.chat import ask
+
+    cfg = _config(args, default_to_demo=False)
+    return ask(cfg, args.model, args.question, as_json=args.json, system=args.system)
+
+
+def cmd_predict(args) -> int:
+    from nekotune.evaluate import predict_file
+
+    cfg = _config(args, default_to_demo=False)
+    predict_file(cfg, args.model, args.file, args.out, limit=args.limit)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from nekotune.evaluate import evaluate_command
+
+    cfg = _config(args, default_to_demo=False)
+    return evaluate_command(cfg, args.model, args.file, out_dir=args.out, baseline=args.baseline,
+                            limit=args.limit, generate=not args.no_generate)
+
+
+def cmd_compare(args) -> int:
+    from nekotune.compare import compare_command
+
+    cfg = _config(args, default_to_demo=False)
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    return compare_command(cfg, models, args.prompts, args.out, limit=args.limit, eval_file=args.eval_file)
+
+
+def cmd_merge(args) -> int:
+    from nekotune.merge import merge_command
+
+    cfg = _config(args, default_to_demo=False)
+    merge_command(cfg, args.model, args.out, low_memory=args.low_memory, dtype=args.dtype)
+    return 0
+
+
+def cmd_export(args) -> int:
+    cfg = _config(args, default_to_demo=False)
+    if args.what == "gguf":
+        from nekotune.export.gguf import export_command
+
+        export_command(cfg, args.model, args.out, args.type)
+    elif args.what == "ollama":
+        from nekotune.export.ollama import ollama_command
+
+        ollama_command(cfg, args.model, args.out, args.type)
+    else:
+        from nekotune.export.verify import verify_command
+
+        return verify_command(cfg, args.file, args.model)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from nekotune.serve.api import serve_command
+
+    cfg = _config(args, default_to_demo=False)
+    return serve_command(cfg, args)
+
+
+def cmd_ui(args) -> int:
+    from nekotune.ui.app import ui_command
+
+    cfg = _config(args, default_to_demo=False)
+    return ui_command(cfg, args)
+
+
+def cmd_estimate(args) -> int:
+    from nekotune.estimate import estimate_command
+
+    cfg = _config(args, default_to_demo=False)
+    return estimate_command(cfg, args.model, fit=args.fit, as_json=args.json)
+
+
+def cmd_doctor(args) -> int:
+    from nekotune.doctor import doctor_command
+
+    return doctor_command(as_json=args.json)
+
+
+# -- parser ----------------------------------------------------------------------------------
+def _rest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rest", nargs="*", metavar="[config.yaml] [key=value ...]",
+                   help="a config file and/or dotted overrides such as lora.r=16 train.epochs=1")
+
+
+def _model(p: argparse.ArgumentParser, help_text: str = "run dir, adapter dir, HF dir, .gguf or hub id "
+           "(default: the latest run under outputs/)") -> None:
+    p.add_argument("--model", "-m", default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nekotune", description="LoRA/QLoRA fine-tuning: data -> train -> chat, "
+                                     "serve and GGUF. Every command takes [config.yaml] [key=value ...].")
+    parser.add_argument("--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("train", help="fine-tune (no arguments: the built-in demo)")
+    _rest(p)
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
+    p.add_argument("--progress", action="store_true", help="force the progress bar")
+    p.add_argument("--no-samples", action="store_true", help="skip the before/after answers")
+    p.add_argument("--nproc", type=int, default=0, help="run on N processes through torchrun")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="show the effective config")
+    csub = p.add_subparsers(dest="config_command")
+    ps = csub.add_parser("show", help="print the effective config as YAML")
+    _rest(ps)
+    ps.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("data", help="inspect a dataset")
+    dsub = p.add_subparsers(dest="data_command")
+    pc = dsub.add_parser("check", help="report problems by row before training")
+    pc.add_argument("file")
+    _model(pc, "tokenizer to measure lengths with (default: the config's model)")
+    _rest(pc)
+    pc.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    _model(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _rest(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ask", help="one answer on stdout")
+    p.add_argument("question")
+    _model(p)
+    p.add_argument("--system", default=None)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _rest(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("predict", help="batched generation for every row of a dataset")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--limit", type=int, default=None)
+    _model(p)
+    _rest(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="eval loss, perplexity, BLEU/ROUGE/chrF")
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="directory for eval_results.json and summary.md")
+    p.add_argument("--baseline", action="store_true", help="also evaluate the base model")
+    p.add_argument("--limit", type=int, default=None, help="rows to generate for the metrics")
+    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    _model(p)
+    _rest(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="HTML/Markdown report of several models side by side")
+    p.add_argument("--models", required=True, help="comma-separated: base, run dirs, adapters, checkpoints")
+    p.add_argument("--prompts", required=True, help="a prompts file (.txt lines, or any dataset)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--eval-file", default=None, help="dataset for per-model eval loss (default: the prompts file)")
+    _rest(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", help="merge the adapter into the base model")
+    _model(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--low-memory", action="store_true", help="merge shard by shard")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    _rest(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="GGUF, Ollama, verify")
+    esub = p.add_subparsers(dest="what")
+    for what in ("gguf", "ollama"):
+        pe = esub.add_parser(what)
+        _model(pe)
+        pe.add_argument("--type", default="q8_0" if what == "gguf" else "q4_0",
+                        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m"])
+        pe.add_argument("--out", required=True)
+        _rest(pe)
+        pe.set_defaults(func=cmd_export)
+    pv = esub.add_parser("verify")
+    pv.add_argument("file")
+    _model(pv, "source model to compare with (default: the latest run)")
+    _rest(pv)
+    pv.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API")
+    p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
+    _model(p)
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--max-concurrency", type=int, default=4)
+    p.add_argument("--max-tokens-cap", type=int, default=1024)
+    p.add_argument("--cors", default=None, help="comma-separated allowed origins (off by default)")
+    _rest(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="web UI (Gradio)")
+    _model(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    _rest(p)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("estimate", help="peak training memory before you train")
+    _model(p, "model directory, config.json or hub id")
+    p.add_argument("--fit", default=None, help="memory budget like 8GB (or auto) to fit settings into")
+    p.add_argument("--json", action="store_true")
+    _rest(p)
+    p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("doctor", help="check this machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Library deprecation chatter hides the messages a beginner needs to see."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from nekotune import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else EXIT_USER
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"nekotune: error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("\nnekotune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

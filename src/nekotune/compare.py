@@ -1,0 +1,168 @@
+"""Side-by-side answers: base vs fine-tuned after training, and multi-model reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nekotune.data.formats import Conversation, Turn
+from nekotune.errors import UserError
+
+
+def load_prompts(source, data_cfg, limit: int | None = None) -> list[Conversation]:
+    """Prompts from a list of strings, a .txt file (one per line) or any supported dataset."""
+    if isinstance(source, list):
+        convs = [Conversation(turns=[Turn("user", str(p))], where=f"prompt {i}") for i, p in enumerate(source, 1)]
+    else:
+        path = Path(str(source))
+        if not path.exists():
+            raise UserError(f"prompts file {path} not found")
+        if path.suffix.lower() == ".txt":
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            convs = [Conversation(turns=[Turn("user", ln)], where=f"{path} line {i}") for i, ln in enumerate(lines, 1)]
+        else:
+            from nekotune.data import load_conversations
+
+            full, _ = load_conversations(str(path), data_cfg.model_copy(update={"max_rows": None}))
+            convs = full
+    convs = convs[:limit] if limit else convs
+    if not convs:
+        raise UserError(f"no prompts in {source}; give at least one")
+    return convs
+
+
+def print_before_after(model, renderer, cfg) -> None:
+    """Answers of the base model (adapter disabled) and the fine-tuned model, side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nekotune.generate import GenSettings, generate_batch
+
+    convs = load_prompts(cfg.output.sample_prompts, cfg.data, limit=6)
+    prompts = [c.prompt_part() for c in convs]
+    settings = GenSettings.from_config(cfg.generate)
+    model.eval()
+    with model.disable_adapter():
+        before = generate_batch(model, renderer, prompts, settings, batch_size=cfg.generate.batch_size)
+    after = generate_batch(model, renderer, prompts, settings, batch_size=cfg.generate.batch_size)
+    table = Table(title="base model vs fine-tuned (prompts not in the training data)", show_lines=True)
+    table.add_column("prompt", ratio=1)
+    table.add_column("base", ratio=2)
+    table.add_column("fine-tuned", ratio=2)
+    for conv, a, b in zip(prompts, before, after):
+        table.add_row(conv.turns[-1].content, a, b)
+    Console(width=160).print(table)
+
+
+# -- multi-model report ----------------------------------------------------------------------
+def _checkpoint_curve(paths: list[str]) -> list[tuple[int, float]]:
+    """Eval-loss points logged by the Trainer, read from the newest checkpoint's state."""
+    import json
+
+    best: list[tuple[int, float]] = []
+    for p in paths:
+        state = Path(p) / "trainer_state.json"
+        if state.is_file():
+            hist = json.loads(state.read_text()).get("log_history", [])
+            points = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
+            if len(points) > len(best):
+                best = points
+    return best
+
+
+def _svg_curve(points: list[tuple[int, float]], width: int = 480, height: int = 200) -> str:
+    if len(points) < 1:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad = 30
+    coords = [(pad + (x - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad))
+              for x, y in points]
+    poly = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3"/>' for x, y in coords)
+    labels = "".join(f'<text x="{x:.1f}" y="{height - 8}" font-size="10" text-anchor="middle">{s}</text>'
+                     for (x, _), s in zip(coords, xs))
+    return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+            f'<polyline fill="none" stroke="#c05" stroke-width="2" points="{poly}"/>{dots}{labels}'
+            f'<text x="4" y="14" font-size="11">eval loss {y1:.3f}</text>'
+            f'<text x="4" y="{height - pad}" font-size="11">{y0:.3f}</text></svg>')
+
+
+def compare_command(cfg, models: list[str], prompts_file: str, out_dir: str, limit: int | None = None,
+                    eval_file: str | None = None) -> int:
+    """Every prompt answered by every model (greedy), per-model loss/metrics, one HTML + Markdown."""
+    import gc
+    import html
+
+    from nekotune.evaluate import masked_loss, text_metrics
+    from nekotune.generate import GenSettings, generate_batch
+    from nekotune.io import atomic_write_json, atomic_write_text
+    from nekotune.model import load_for_inference
+
+    if not models:
+        raise UserError("--models is empty; give a comma-separated list like base,outputs/run,outputs/run/checkpoints/checkpoint-50")
+    for m in models:
+        if m != "base" and not Path(m).exists() and m.startswith((".", "/", "outputs")):
+            raise UserError(f"model {m} not found")
+    convs = load_prompts(prompts_file, cfg.data, limit=limit)
+    prompts = [c.prompt_part() for c in convs]
+    scored = [c for c in (load_prompts(eval_file, cfg.data) if eval_file else convs) if c.reference is not None]
+    rows: dict[str, list[str]] = {}
+    stats: dict[str, dict] = {}
+    base_of_first = None
+    for m in models:
+        if m == "base":
+            if base_of_first is None:
+                first = next((x for x in models if x != "base"), None)
+                from nekotune.model import resolve
+
+                base_of_first = resolve(first).base if first else cfg.model.name_or_path
+            target = base_of_first
+        else:
+            target = m
+        loaded = load_for_inference(cfg, target)
+        settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
+        rows[m] = generate_batch(loaded.model, loaded.renderer, prompts, settings,
+                                 batch_size=loaded.cfg.generate.batch_size)
+        st = masked_loss(loaded.model, loaded.renderer, scored) if scored else {}
+        if scored and len(scored) == len(convs):
+            st.update(text_metrics(rows[m], [c.reference for c in scored]))
+        stats[m] = st
+        del loaded
+        gc.collect()
+    curve = _checkpoint_curve([m for m in models if m != "base"])
+    out = Path(out_dir)
+    atomic_write_json(out / "compare.json", {"models": models, "stats": stats,
+                                            "answers": [{"prompt": p.turns[-1].content, **{m: rows[m][i] for m in models}}
+                                                        for i, p in enumerate(prompts)], "eval_curve": curve})
+    # Markdown twin
+    md = ["# nekotune compare", "", "| model | " + " | ".join(k for k in ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")) + " |",
+          "|---|---|---|---|---|---|"]
+    for m in models:
+        md.append(f"| {m} | " + " | ".join(_fmt(stats[m].get(k)) for k in ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")) + " |")
+    for i, p in enumerate(prompts):
+        md += ["", f"## {i + 1}. {p.turns[-1].content}", ""]
+        md += [f"- **{m}**: {rows[m][i]}" for m in models]
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    # HTML, self-contained
+    esc = html.escape
+    head = "".join(f"<th>{esc(m)}</th>" for m in models)
+    stat_rows = "".join(f"<tr><td>{esc(m)}</td>" + "".join(f"<td>{_fmt(stats[m].get(k))}</td>" for k in
+                        ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")) + "</tr>" for m in models)
+    body = "".join(f"<tr><td class=p>{esc(p.turns[-1].content)}</td>" + "".join(f"<td>{esc(rows[m][i])}</td>" for m in models)
+                   + "</tr>" for i, p in enumerate(prompts))
+    svg = _svg_curve(curve)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>nekotune compare</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
+td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em;white-space:pre-wrap}}td.p{{font-weight:bold}}</style>
+</head><body><h1>nekotune compare</h1>
+<h2>Scores</h2><table><tr><th>model</th><th>eval loss</th><th>perplexity</th><th>BLEU-4</th><th>ROUGE-L</th><th>chrF</th></tr>{stat_rows}</table>
+{('<h2>Eval loss over checkpoints</h2>' + svg) if svg else ''}
+<h2>Answers (greedy)</h2><table><tr><th>prompt</th>{head}</tr>{body}</table></body></html>"""
+    atomic_write_text(out / "report.html", page)
+    print(f"report: {out / 'report.html'} and {out / 'report.md'}")
+    return 0
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)

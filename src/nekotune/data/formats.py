@@ -1,0 +1,228 @@
+"""Every dataset format becomes one Conversation, as early as possible.
+
+Each format is a detector plus a `row -> Conversation` adapter. Nothing after this module
+knows which format a row came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from nekotune.data.sources import Row
+from nekotune.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
+# Synonyms accepted by auto-detection for question/answer pairs.
+QUESTION_KEYS = ("instruction", "prompt", "question", "query")
+ANSWER_KEYS = ("output", "response", "answer", "completion")
+
+
+@dataclass
+class Turn:
+    role: str  # "user" | "assistant"
+    content: str
+
+
+@dataclass
+class Conversation:
+    turns: list[Turn] = field(default_factory=list)
+    system: str | None = None
+    text: str | None = None  # plain text for continued pre-training (then turns is empty)
+    where: str = ""
+
+    def messages(self, default_system: str | None = None) -> list[dict]:
+        msgs = []
+        system = self.system if self.system is not None else default_system
+        if system:
+            msgs.append({"role": "system", "content": system})
+        msgs.extend({"role": t.role, "content": t.content} for t in self.turns)
+        return msgs
+
+    @property
+    def reference(self) -> str | None:
+        """The last assistant answer (the expected output for eval/predict)."""
+        return self.turns[-1].content if self.turns and self.turns[-1].role == "assistant" else None
+
+    def prompt_part(self) -> "Conversation":
+        """The conversation up to (not including) the last assistant answer."""
+        turns = self.turns[:-1] if self.reference is not None else list(self.turns)
+        return Conversation(turns=turns, system=self.system, where=self.where)
+
+
+def get_path(row: dict, dotted: str) -> Any:
+    """`instances.0.output` reaches into nested rows (Self-Instruct style)."""
+    node: Any = row
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def apply_mapping(row: Row, columns: dict[str, str]) -> Row:
+    if not columns:
+        return row
+    data = dict(row.data)
+    for canonical, source in columns.items():
+        value = get_path(row.data, source)
+        if value is None:
+            raise UserError(f"{row.where}: mapped column `{source}` (for `{canonical}`) is missing; "
+                            f"fields found: {_fields(row.data)}; fix data.columns")
+        data[canonical] = value
+    return Row(data, row.where)
+
+
+def _fields(data: dict) -> str:
+    return ", ".join(sorted(map(str, data))) or "(none)"
+
+
+def _text(row: Row, key: str, required: bool = True, fmt: str = "") -> str:
+    value = row.data.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"{row.where}: field `{key}` is missing for format {fmt}; fields found: "
+                            f"{_fields(row.data)}; map columns with data.columns.{key}=<your column>")
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise UserError(f"{row.where}: field `{key}` must be text, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise UserError(f"{row.where}: field `{key}` is empty; fill it in or delete the row "
+                        f"(`nekotune data check` lists all such rows)")
+    return value
+
+
+def _first_key(data: dict, keys: tuple[str, ...]) -> str | None:
+    return next((k for k in keys if k in data), None)
+
+
+def from_alpaca(row: Row) -> Conversation:
+    qkey = _first_key(row.data, QUESTION_KEYS) or "instruction"
+    akey = _first_key(row.data, ANSWER_KEYS) or "output"
+    instruction = _text(row, qkey, fmt="alpaca")
+    extra = _text(row, "input", required=False) if qkey != "input" else ""
+    question = f"{instruction}\n\n{extra}" if extra else instruction
+    turns: list[Turn] = []
+    history = row.data.get("history") or []
+    if not isinstance(history, list):
+        raise UserError(f"{row.where}: field `history` must be a list of [question, answer] pairs")
+    for i, pair in enumerate(history, start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise UserError(f"{row.where}: history item {i} must be a [question, answer] pair of texts")
+        turns += [Turn("user", pair[0].strip()), Turn("assistant", pair[1].strip())]
+    turns += [Turn("user", question), Turn("assistant", _text(row, akey, fmt="alpaca"))]
+    system = _text(row, "system", required=False) or None
+    return Conversation(turns=turns, system=system, where=row.where)
+
+
+def from_prompt_target(row: Row) -> Conversation:
+    return Conversation(turns=[Turn("user", _text(row, "text", fmt="prompt_target")),
+                               Turn("assistant", _text(row, "target", fmt="prompt_target"))],
+                        system=_text(row, "system", required=False) or None, where=row.where)
+
+
+def _chat_turns(row: Row, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Conversation:
+    items = row.data.get(key)
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{row.where}: field `{key}` must be a non-empty list of turns; fields found: "
+                        f"{_fields(row.data)}")
+    system = None
+    turns: list[Turn] = []
+    for i, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise UserError(f"{row.where}: {key}[{i}] must be an object with `{role_key}` and `{content_key}`")
+        raw_role = item.get(role_key)
+        role = roles.get(str(raw_role).lower()) if raw_role is not None else None
+        if role is None:
+            raise UserError(f"{row.where}: {key}[{i}].{role_key} is {raw_role!r}; use one of "
+                            f"{', '.join(sorted(set(roles)))}")
+        content = item.get(content_key)
+        if not isinstance(content, str):
+            raise UserError(f"{row.where}: {key}[{i}].{content_key} must be text, got {type(content).__name__}")
+        if role == "system":
+            if turns:
+                raise UserError(f"{row.where}: {key}[{i}] is a system message after the conversation started; "
+                                f"put it first")
+            system = content.strip()
+            continue
+        expected = "user" if not turns or turns[-1].role == "assistant" else "assistant"
+        if role != expected:
+            raise UserError(f"{row.where}: {key}[{i}] is `{raw_role}` but a {expected} turn was expected; "
+                            f"turns must alternate user/assistant")
+        if not content.strip():
+            raise UserError(f"{row.where}: {key}[{i}].{content_key} is empty; fill it in or delete the row")
+        turns.append(Turn(role, content.strip()))
+    if not turns or turns[-1].role != "assistant":
+        raise UserError(f"{row.where}: `{key}` must end with an assistant turn to have something to train on")
+    return Conversation(turns=turns, system=system or None, where=row.where)
+
+
+def from_messages(row: Row) -> Conversation:
+    return _chat_turns(row, "messages", "role", "content", {r: r for r in ROLES})
+
+
+def from_sharegpt(row: Row) -> Conversation:
+    conv = _chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
+    if conv.system is None and isinstance(row.data.get("system"), str):
+        conv.system = row.data["system"].strip() or None
+    return conv
+
+
+def from_text(row: Row) -> Conversation:
+    return Conversation(text=_text(row, "text", fmt="text"), where=row.where)
+
+
+FORMATS: dict[str, Callable[[Row], Conversation]] = {
+    "alpaca": from_alpaca,
+    "qa": from_alpaca,  # instruction/output pairs are Alpaca without `input`
+    "prompt_target": from_prompt_target,
+    "messages": from_messages,
+    "sharegpt": from_sharegpt,
+    "text": from_text,
+}
+
+
+def detect_format(data: dict) -> str | None:
+    if "messages" in data:
+        return "messages"
+    if "conversations" in data:
+        return "sharegpt"
+    if "text" in data and "target" in data:
+        return "prompt_target"
+    if _first_key(data, QUESTION_KEYS) and _first_key(data, ANSWER_KEYS):
+        return "alpaca" if ("input" in data or "history" in data) else "qa"
+    if "input" in data and "output" in data:
+        return "alpaca"
+    if "text" in data:
+        return "text"
+    return None
+
+
+def to_conversations(rows: list[Row], fmt: str = "auto", columns: dict[str, str] | None = None,
+                     source: str = "") -> tuple[list[Conversation], str]:
+    """Convert rows; returns the conversations and the format used."""
+    if not rows:
+        raise UserError(f"{source or 'dataset'}: no rows; the file is empty")
+    rows = [apply_mapping(r, columns or {}) for r in rows]
+    if fmt == "auto":
+        fmt = detect_format(rows[0].data) or ""
+        if not fmt:
+            raise UserError(f"{rows[0].where}: cannot tell the format from fields {_fields(rows[0].data)}; "
+                            f"set data.format (one of {', '.join(FORMATS)}) and map columns with "
+                            f"data.columns (e.g. data.columns.instruction=question)")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown data.format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+    convert = FORMATS[fmt]
+    if fmt == "alpaca" and "input" in rows[0].data and "instruction" not in rows[0].data and \
+            not _first_key(rows[0].data, QUESTION_KEYS):
+        # input/output pairs: the input is the question
+        convert = lambda r: from_alpaca(Row({**r.data, "instruction": r.data.get("input"), "input": ""}, r.where))  # noqa: E731
+    return [convert(r) for r in rows], fmt

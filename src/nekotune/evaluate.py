@@ -1,0 +1,172 @@
+"""Evaluation: masked loss and perplexity (as in training), BLEU-4, ROUGE-1/2/L and chrF.
+
+Chinese is segmented with jieba for BLEU/ROUGE (sacrebleu's "zh" tokenizer for BLEU), and chrF
+works on characters, so scores on Chinese answers are meaningful rather than near zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from nekotune.data import load_conversations
+from nekotune.data.formats import Conversation
+from nekotune.errors import UserError
+from nekotune.io import atomic_write_json, atomic_write_text
+
+CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+# -- loss ------------------------------------------------------------------------------------
+def masked_loss(model, renderer, convs: list[Conversation], batch_size: int = 8) -> dict:
+    """Token-weighted mean cross-entropy over trained (assistant) tokens, exactly as in training."""
+    import torch
+
+    from nekotune.data.collate import flatten_batch
+    from nekotune.generate import autocast_for
+    from nekotune.train import trained_positions_loss
+
+    encoded = [e for e in (renderer.encode(c) for c in convs) if e is not None]
+    if not encoded:
+        raise UserError("no row has an answer to score; eval needs rows with reference answers")
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad(), autocast_for(model):
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i: i + batch_size]
+            batch = flatten_batch([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            loss, n = trained_positions_loss(model, batch)
+            total += float(loss) * n
+            count += n
+    mean = total / count
+    return {"eval_loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count, "rows": len(encoded)}
+
+
+# -- generation metrics ----------------------------------------------------------------------
+def tokenize_words(text: str) -> list[str]:
+    if CJK.search(text):
+        import jieba
+
+        jieba.setLogLevel(60)
+        return [w for w in jieba.lcut(text.lower()) if w.strip()]
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+class _RougeTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize_words(text)
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict:
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if not references:
+        return {}
+    chinese = any(CJK.search(r) for r in references)
+    bleu = sacrebleu.corpus_bleu(predictions, [references], tokenize="zh" if chinese else "13a")
+    chrf = sacrebleu.corpus_chrf(predictions, [references])
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_RougeTokenizer())
+    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(predictions, references):
+        scores = scorer.score(r, p)
+        for k in sums:
+            sums[k] += scores[k].fmeasure
+    n = len(references)
+    return {"bleu4": round(bleu.score, 3), "chrf": round(chrf.score, 3),
+            **{k: round(100 * v / n, 3) for k, v in sums.items()}}
+
+
+# -- commands --------------------------------------------------------------------------------
+def _rows_with_references(convs: list[Conversation]) -> list[Conversation]:
+    return [c for c in convs if c.reference is not None]
+
+
+def evaluate_model(model, renderer, convs, settings, limit: int | None, generate: bool, batch_size: int) -> dict:
+    from nekotune.generate import generate_batch
+
+    result = masked_loss(model, renderer, convs, batch_size=batch_size)
+    if generate:
+        sample = convs[:limit] if limit else convs
+        preds = generate_batch(model, renderer, [c.prompt_part() for c in sample], settings, batch_size=batch_size)
+        result.update(text_metrics(preds, [c.reference for c in sample]))
+        result["generated_rows"] = len(sample)
+        result["samples"] = [{"prompt": c.prompt_part().turns[-1].content, "reference": c.reference,
+                              "prediction": p} for c, p in zip(sample[:20], preds[:20])]
+    return result
+
+
+def evaluate_command(cfg, model_arg, file: str, out_dir: str | None = None, baseline: bool = False,
+                     limit: int | None = None, generate: bool = True) -> int:
+    from nekotune.generate import GenSettings
+    from nekotune.model import load_for_inference
+
+    if not Path(file).exists() and "/" not in file:
+        raise UserError(f"eval file {file} not found")
+    loaded = load_for_inference(cfg, model_arg)
+    convs, _ = load_conversations(file, loaded.cfg.data)
+    convs = _rows_with_references(convs)
+    settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
+    limit = limit if limit is not None else 50
+    bs = loaded.cfg.generate.batch_size
+    results = {"model": loaded.spec.label, "file": file,
+               "tuned": evaluate_model(loaded.model, loaded.renderer, convs, settings, limit, generate, bs)}
+    if baseline:
+        if not loaded.spec.adapter:
+            raise UserError("--baseline compares an adapter with its base; --model is not an adapter or run")
+        with loaded.model.disable_adapter():
+            results["base"] = evaluate_model(loaded.model, loaded.renderer, convs, settings, limit, generate, bs)
+    out = Path(out_dir) if out_dir else Path(loaded.spec.run_dir or ".") / "eval"
+    atomic_write_json(out / "eval_results.json", results)
+    summary = summary_markdown(results)
+    atomic_write_text(out / "summary.md", summary)
+    print(summary)
+    print(f"written: {out / 'eval_results.json'}, {out / 'summary.md'}")
+    return 0
+
+
+METRICS = ["eval_loss", "perplexity", "bleu4", "rouge1", "rouge2", "rougeL", "chrf"]
+
+
+def summary_markdown(results: dict) -> str:
+    cols = [k for k in ("base", "tuned") if k in results]
+    names = {"base": "base model", "tuned": results["model"]}
+    lines = [f"# Evaluation on {results['file']}", "", "| metric | " + " | ".join(names[c] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for m in METRICS:
+        if any(m in results[c] for c in cols):
+            lines.append(f"| {m} | " + " | ".join(_fmt(results[c].get(m)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def predict_file(cfg, model_arg, file: str, out: str, limit: int | None = None) -> None:
+    from rich.progress import Progress
+
+    from nekotune.generate import GenSettings, generate_batch
+    from nekotune.model import load_for_inference
+
+    loaded = load_for_inference(cfg, model_arg)
+    convs, _ = load_conversations(file, loaded.cfg.data.model_copy(update={"format": loaded.cfg.data.format}))
+    convs = convs[:limit] if limit else convs
+    settings = GenSettings.from_config(loaded.cfg.generate)
+    prompts = [c.prompt_part() for c in convs]
+    with Progress(transient=True) as progress:
+        task = progress.add_task("predict", total=len(prompts))
+        preds = generate_batch(loaded.model, loaded.renderer, prompts, settings,
+                               batch_size=loaded.cfg.generate.batch_size,
+                               on_batch=lambda n: progress.advance(task, n))
+    lines = []
+    for conv, prompt, pred in zip(convs, prompts, preds):
+        row = {"prompt": prompt.turns[-1].content if prompt.turns else "", "prediction": pred}
+        if conv.reference is not None:
+            row["reference"] = conv.reference
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    print(f"{len(lines)} predictions written to {out}")

@@ -1,0 +1,161 @@
+"""One generation path for chat, ask, predict, eval, compare, serve and the UI.
+
+Prompts always come from Renderer.prompt_ids, so they match training token for token, and
+generation stops at the template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from nekotune.data.formats import Conversation
+from nekotune.data.render import Renderer
+from nekotune.errors import UserError
+
+
+@dataclass
+class GenSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, gen_cfg, **overrides) -> "GenSettings":
+        values = {k: getattr(gen_cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
+                                                   "repetition_penalty", "seed")}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validated()
+
+    def validated(self) -> "GenSettings":
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens must be a positive integer"),
+            (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be 0 (off) or more"),
+            (self.repetition_penalty > 0, "repetition_penalty must be above 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad generation setting: {message} (got {self})")
+        return self
+
+
+def _generate_kwargs(settings: GenSettings, renderer: Renderer) -> dict:
+    tok = renderer.tokenizer
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": renderer.stop_token_ids or None,
+              "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+              "repetition_penalty": settings.repetition_penalty}
+    if settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def _seed(settings: GenSettings) -> None:
+    if settings.seed is not None:
+        import torch
+
+        torch.manual_seed(settings.seed)
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def autocast_for(model):
+    """bf16 base weights (CPU training) with fp32 LoRA weights need autocast to mix."""
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) > 1 and torch.bfloat16 in dtypes:
+        return torch.autocast(_device(model).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _StopFlag:
+    def __init__(self):
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream(model, renderer: Renderer, conv: Conversation, settings: GenSettings,
+           stop: threading.Event | None = None) -> Iterator[str]:
+    """Yield the answer piece by piece; setting `stop` ends generation early."""
+    import torch
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    ids = renderer.prompt_ids(conv)
+    streamer = TextIteratorStreamer(renderer.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    flag = _StopFlag()
+    if stop is not None:
+        flag.event = stop
+    kwargs = _generate_kwargs(settings, renderer)
+    inputs = torch.tensor([ids], device=_device(model))
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            _seed(settings)
+            with torch.no_grad(), autocast_for(model):
+                model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
+                               stopping_criteria=StoppingCriteriaList([flag]), **kwargs)
+        except BaseException as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        flag.event.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def generate(model, renderer: Renderer, conv: Conversation, settings: GenSettings) -> str:
+    return generate_batch(model, renderer, [conv], settings)[0]
+
+
+def generate_batch(model, renderer: Renderer, convs: list[Conversation], settings: GenSettings,
+                   batch_size: int = 8, on_batch=None) -> list[str]:
+    """Left-padded batched generation; returns the decoded answers in input order."""
+    import torch
+
+    from nekotune.data.collate import pad_batch
+
+    tok = renderer.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    prompts = [renderer.prompt_ids(c) for c in convs]
+    # Sorting by length keeps padding small; results are put back in order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    kwargs = _generate_kwargs(settings, renderer)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        batch = pad_batch([{"input_ids": prompts[i], "labels": prompts[i]} for i in chunk], pad_id, side="left")
+        device = _device(model)
+        _seed(settings)
+        with torch.no_grad(), autocast_for(model):
+            out = model.generate(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device), **kwargs)
+        width = batch["input_ids"].shape[1]
+        for row, i in enumerate(chunk):
+            answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
+        if on_batch:
+            on_batch(len(chunk))
+    return answers

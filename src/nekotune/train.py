@@ -1,0 +1,559 @@
+"""Train stage: transformers Trainer + peft LoRA, with nekotune's data, loss and run directory.
+
+The Trainer does the loop, checkpoints, resume (optimizer, scheduler, RNG, data position) and
+accumulation. nekotune adds what it lacks for small machines:
+- a loss that projects to the vocabulary only at trained positions, in checkpointed chunks,
+  instead of materialising fp32 logits for every token (the largest tensor at vocab 49k-152k);
+- padding-free batches (see data/collate.py);
+- a run directory with config.yaml, run.json, loss.png, TensorBoard logs and a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from nekotune import __version__
+from nekotune.config import Config
+from nekotune.data import PreparedData, Renderer, prepare
+from nekotune.errors import UserError
+from nekotune.io import atomic_dir, atomic_write_json, atomic_write_text
+
+LOSS_CHUNK = 2048  # trained positions per vocabulary-projection chunk
+
+
+# -- run directory ---------------------------------------------------------------------------
+def _short_model_name(name: str) -> str:
+    return Path(name.rstrip("/")).name.replace(".", "-")[:40] or "model"
+
+
+def run_dir_for(cfg: Config) -> Path:
+    if cfg.output.dir:
+        return Path(cfg.output.dir)
+    root = Path(cfg.output.root)
+    if cfg.output.run_name:
+        return root / cfg.output.run_name
+    if cfg.train.resume in (True, "auto"):
+        latest = latest_checkpointed_run(root)
+        if latest is not None:
+            return latest
+        if cfg.train.resume is True:
+            raise UserError(f"train.resume=true but no run under {root}/ has a checkpoint; "
+                            f"set output.dir to the run to resume, or train.resume=false")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{_short_model_name(cfg.model.name_or_path)}-{stamp}"
+
+
+def latest_checkpointed_run(root: Path) -> Path | None:
+    if not root.is_dir():
+        return None
+    runs = [d for d in root.iterdir() if d.is_dir() and last_checkpoint(d) is not None]
+    return max(runs, key=lambda d: last_checkpoint(d).stat().st_mtime) if runs else None
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    ckpts = [d for d in (run / "checkpoints").glob("checkpoint-*")
+             if d.is_dir() and d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda d: int(d.name.split("-")[-1])) if ckpts else None
+
+
+RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "data.format", "data.columns",
+                     "data.max_seq_len", "data.system_prompt", "data.val_size", "lora.r", "lora.alpha",
+                     "lora.target_modules", "lora.modules_to_save", "lora.use_dora", "lora.use_rslora",
+                     "train.batch_size", "train.grad_accum", "train.seed")
+
+
+def check_resume_compatible(cfg: Config, run: Path) -> None:
+    import yaml
+
+    saved_file = run / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    now = cfg.to_dict()
+    for key in RESUME_MUST_MATCH:
+        a, b = _dig(saved, key), _dig(now, key)
+        if a != b:
+            raise UserError(f"cannot resume {run}: {key} was {a!r} and is now {b!r}; use the same config "
+                            f"or start a new run (output.dir=...)")
+
+
+def _dig(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+# -- loss ------------------------------------------------------------------------------------
+def supports_fast_loss(model) -> bool:
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    head = base.get_output_embeddings()
+    return (isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear and head.bias is None
+            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
+            and hasattr(base, "get_decoder"))
+
+
+def _chunk_ce(hidden, weight, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+
+
+def trained_positions_loss(model, inputs: dict, chunk: int = LOSS_CHUNK):
+    """Mean cross-entropy over trained tokens, projecting only those hidden states to the
+    vocabulary, chunk by chunk with recomputation, so no full logits tensor ever exists."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"]
+    kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    hidden = base.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    h = hidden[:, :-1][keep]
+    y = targets[keep]
+    n = y.numel()
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    weight = base.get_output_embeddings().weight
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        total = total + checkpoint(_chunk_ce, h[s: s + chunk], weight, y[s: s + chunk], use_reentrant=False)
+    return total / n, n
+
+
+def make_trainer_class():
+    from transformers import Trainer
+
+    class NekoTrainer(Trainer):
+        """Trainer with the trained-positions loss, token counting and a NaN guard."""
+
+        fast_loss = True
+        nan_policy = "stop"
+        stats = None
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.fast_loss:
+                loss, _ = trained_positions_loss(model, inputs)
+            else:
+                loss = model(**inputs, use_cache=False).loss
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            import torch
+
+            if self.stats is not None:
+                mask = inputs.get("attention_mask")
+                self.stats.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss):
+                step = self.state.global_step + 1
+                if self.nan_policy == "skip":
+                    model.zero_grad(set_to_none=True)
+                    if self.stats is not None:
+                        self.stats.skipped_steps.append(step)
+                    return torch.zeros_like(loss)
+                raise NonFiniteLoss(step)
+            return loss
+
+    return NekoTrainer
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int):
+        super().__init__(f"loss became NaN/inf at step {step}")
+        self.step = step
+
+
+# -- callbacks -------------------------------------------------------------------------------
+class Stats:
+    def __init__(self):
+        self.tokens = 0
+        self.start = time.time()
+        self.train_time = 0.0
+        self.skipped_steps: list[int] = []
+
+
+def make_callbacks(stats: Stats, show_progress: bool, interrupt: "Interrupt"):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """A rich progress bar with step, loss, tokens/s and ETA (replaces tqdm)."""
+
+        def __init__(self):
+            self.progress = None
+            self.task = None
+            self.loss = float("nan")
+            self.t0 = None
+            self.tok0 = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tok0 = time.time(), stats.tokens
+            if not show_progress:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = RichProgress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                                         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                               loss="-", tps="-")
+
+        def on_step_end(self, args, state, control, **kw):
+            if interrupt.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            if self.progress is not None:
+                elapsed = max(time.time() - self.t0, 1e-6)
+                tps = (stats.tokens - self.tok0) / elapsed
+                self.progress.update(self.task, completed=state.global_step, tps=f"{tps:,.0f}",
+                                     loss=f"{self.loss:.4f}")
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.loss = logs["loss"]
+            if self.progress is None and logs and state.is_world_process_zero:
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items()}
+                print(f"step {state.global_step}/{state.max_steps} {shown}", flush=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            stats.train_time = time.time() - self.t0
+            if self.progress is not None:
+                self.progress.stop()
+
+    return [Progress()]
+
+
+class Interrupt:
+    """First Ctrl-C/SIGTERM: finish the step, save a checkpoint, exit 130. Second: exit now."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            os._exit(130)
+        self.requested = True
+        print("\nnekotune: stopping after this step and saving a checkpoint (press Ctrl-C again to quit now)",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (UI): the UI stops through `requested`
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class TrainingInterrupted(Exception):
+    def __init__(self, run: Path, checkpoint: Path | None):
+        self.run, self.checkpoint = run, checkpoint
+        super().__init__(f"training interrupted; checkpoint {checkpoint}")
+
+
+# -- model setup -----------------------------------------------------------------------------
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    targets = cfg.lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+                      modules_to_save=cfg.lora.modules_to_save, use_dora=cfg.lora.use_dora,
+                      use_rslora=cfg.lora.use_rslora, bias="none", task_type="CAUSAL_LM")
+
+
+def wants_grad_checkpointing(cfg: Config, device: str) -> bool:
+    if cfg.train.grad_checkpointing != "auto":
+        return bool(cfg.train.grad_checkpointing)
+    # On CPU RAM is rarely the limit and recomputation costs ~30% speed; on a GPU the quantized
+    # path is used because memory is short.
+    return device == "cuda" and bool(cfg.model.quantization)
+
+
+def build_peft_model(model, cfg: Config, grad_ckpt: bool):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.model.quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
+    elif grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg))
+    except ValueError as exc:
+        raise UserError(f"LoRA setup failed: {str(exc).splitlines()[0]}; check lora.target_modules "
+                        f"(or use all-linear)") from None
+    return peft_model
+
+
+# -- the recipe ------------------------------------------------------------------------------
+def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=None) -> Path:
+    """Fine-tune and return the run directory. `after_train(model, renderer, run)` runs on rank 0."""
+    import torch
+    from transformers import TrainingArguments, set_seed
+
+    from nekotune import model as M
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    run = run_dir_for(cfg)
+    resume_from = _resume_checkpoint(cfg, run)
+    if resume_from:
+        check_resume_compatible(cfg, run)
+    device = M.pick_device(cfg.model.device)
+    M.check_quantization(cfg.model, device)
+    precision = M.pick_precision(device, cfg.model.dtype, training=True)
+    set_seed(cfg.train.seed)
+
+    spec = M.resolve(cfg.model.name_or_path) if cfg.model.name_or_path else M.resolve(None)
+    if spec.adapter:
+        raise UserError(f"model.name_or_path={cfg.model.name_or_path} is an adapter; train on its base model "
+                        f"({spec.base}) or merge it first with `nekotune merge`")
+    tokenizer = M.load_tokenizer(spec, cfg.model)
+    renderer = Renderer.from_config(tokenizer, cfg.data)
+    data = prepare(cfg, renderer)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        _print_data_summary(data, renderer, precision, run)
+
+    model = M.load_model(spec, cfg.model, precision, training=True)
+    grad_ckpt = wants_grad_checkpointing(cfg, device)
+    model = build_peft_model(model, cfg, grad_ckpt)
+
+    run.mkdir(parents=True, exist_ok=True)
+    if rank0:
+        atomic_write_text(run / "config.yaml", cfg.to_yaml())
+    stats = Stats()
+    args = _training_args(cfg, run, precision, data, grad_ckpt)
+    from torch.utils.data import Dataset
+
+    class _Examples(Dataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.items[i].input_ids, "labels": self.items[i].labels}
+
+    from nekotune.data.collate import Collator
+
+    trainer_cls = make_trainer_class()
+    interrupt = Interrupt()
+    if stop_flag is not None:
+        interrupt = stop_flag
+    callbacks = make_callbacks(stats, show_progress and rank0, interrupt)
+    if cfg.output.tensorboard and rank0:
+        callbacks.append(_tensorboard_callback(run))
+    trainer = trainer_cls(model=model, args=args, train_dataset=_Examples(data.train),
+                          eval_dataset=_Examples(data.eval) if data.eval else None,
+                          data_collator=Collator(tokenizer.pad_token_id, cfg.data.packing), callbacks=callbacks)
+    trainer.fast_loss = supports_fast_loss(model)
+    trainer.nan_policy = cfg.train.nan_policy
+    trainer.stats = stats
+    trainer.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer divides by accumulation
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+
+    try:
+        with (interrupt if stop_flag is None else _nullcontext()):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except NonFiniteLoss as exc:
+        last = last_checkpoint(run)
+        raise UserError(f"{exc}; the last good checkpoint is {last or 'none'}; lower train.lr, check the data, "
+                        f"or set train.nan_policy=skip") from None
+    except torch.OutOfMemoryError:
+        raise UserError(_oom_advice(cfg)) from None
+    except MemoryError:
+        raise UserError(_oom_advice(cfg)) from None
+
+    if interrupt.requested:
+        last = last_checkpoint(run)
+        raise TrainingInterrupted(run, last)
+    if rank0:
+        _save_adapter(model, tokenizer, run)
+        _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec)
+        if cfg.output.plot:
+            plot_losses(trainer.state.log_history, run / "loss.png")
+        if after_train is not None:
+            after_train(model, renderer, run)
+    return run
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _resume_checkpoint(cfg: Config, run: Path) -> Path | None:
+    if cfg.train.resume is False:
+        if last_checkpoint(run) is not None and (run / "adapter").exists() is False and cfg.output.dir:
+            pass  # an explicit fresh start over an unfinished run: the Trainer overwrites checkpoints
+        return None
+    ckpt = last_checkpoint(run)
+    if ckpt is None and cfg.train.resume is True:
+        raise UserError(f"train.resume=true but {run}/checkpoints holds no checkpoint; use train.resume=auto "
+                        f"to start fresh when there is none")
+    return ckpt
+
+
+def _training_args(cfg: Config, run: Path, precision, data: PreparedData, grad_ckpt: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    has_eval = bool(data.eval)
+    steps_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum))
+    save_strategy = "steps" if cfg.train.save_steps else "epoch"
+    eval_strategy = "no" if not has_eval else ("steps" if cfg.train.eval_steps else "epoch")
+    on_cpu = precision.device == "cpu"
+    return TrainingArguments(
+        output_dir=str(run / "checkpoints"),
+        per_device_train_batch_size=cfg.train.batch_size,
+        per_device_eval_batch_size=cfg.train.batch_size,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        num_train_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps if cfg.train.max_steps and cfg.train.max_steps > 0 else -1,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.scheduler,
+        warmup_steps=cfg.train.warmup_ratio,
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm,
+        logging_steps=min(cfg.train.logging_steps, max(1, steps_per_epoch)),
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.train.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit,
+        seed=cfg.train.seed,
+        data_seed=cfg.train.seed,
+        bf16=precision.autocast == torch.bfloat16,
+        fp16=precision.autocast == torch.float16,
+        use_cpu=on_cpu,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        prediction_loss_only=True,
+        gradient_checkpointing=False,  # enabled on the model in build_peft_model when wanted
+        optim="adamw_torch",
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _tensorboard_callback(run: Path):
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the run still trains
+        from transformers import TrainerCallback
+
+        return TrainerCallback()
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run / "tb")))
+
+
+def _oom_advice(cfg: Config) -> str:
+    return (f"out of memory with batch_size={cfg.train.batch_size}, max_seq_len={cfg.data.max_seq_len}; try "
+            f"train.batch_size={max(1, cfg.train.batch_size // 2)} train.grad_accum={cfg.train.grad_accum * 2}, "
+            f"train.grad_checkpointing=true, data.max_seq_len={max(64, cfg.data.max_seq_len // 2)}"
+            f"{', or model.quantization=4bit on CUDA' if not cfg.model.quantization else ''}; "
+            f"`nekotune estimate --fit <memory>` proposes settings that fit")
+
+
+def _print_data_summary(data: PreparedData, renderer: Renderer, precision, run: Path) -> None:
+    s = data.stats
+    print(f"data: {s['path']} ({s['format']}): {s['train_rows']} train / {s['eval_rows']} eval rows, "
+          f"{s['tokens']:,} tokens ({s['trained_tokens']:,} trained), length p50 {s['length_p50']} "
+          f"p95 {s['length_p95']} max {s['length_max']}; truncated {s['truncated_rows']}, dropped {s['dropped_rows']}",
+          flush=True)
+    print(f"precision: {precision.name} on {precision.device}; run directory: {run}", flush=True)
+
+
+def _save_adapter(model, tokenizer, run: Path) -> None:
+    with atomic_dir(run / "adapter") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec) -> None:
+    import peft
+    import torch
+    import transformers
+
+    history = trainer.state.log_history
+    train_losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_losses = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    info = {
+        "nekotune": __version__, "config": cfg.to_dict(), "base_model": spec.base, "data": data.stats,
+        "precision": precision.name, "device": precision.device, "gradient_checkpointing": grad_ckpt,
+        "packing": cfg.data.packing, "fast_loss": trainer.fast_loss,
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+        "train_losses": train_losses, "eval_losses": eval_losses,
+        "first_loss": train_losses[0][1] if train_losses else None,
+        "final_loss": train_losses[-1][1] if train_losses else None,
+        "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
+        "tokens_seen": stats.tokens, "train_seconds": round(stats.train_time, 2),
+        "tokens_per_second": round(stats.tokens / stats.train_time, 1) if stats.train_time else None,
+        "wall_seconds": round(time.time() - stats.start, 2), "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
+        "skipped_steps": stats.skipped_steps,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+    }
+    atomic_write_json(run / "run.json", info)
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
