@@ -45,9 +45,9 @@ def print_before_after(model, renderer, cfg) -> None:
         before = generate_batch(model, renderer, prompts, settings, batch_size=cfg.generate.batch_size)
     after = generate_batch(model, renderer, prompts, settings, batch_size=cfg.generate.batch_size)
     table = Table(title="base model vs fine-tuned (prompts not in the training data)", show_lines=True)
-    table.add_column("prompt", ratio=1)
-    table.add_column("base", ratio=2)
-    table.add_column("fine-tuned", ratio=2)
+    table.add_column("prompt", ratio=1, overflow="fold")
+    table.add_column("base", ratio=2, overflow="fold")
+    table.add_column("fine-tuned", ratio=2, overflow="fold")
     for conv, a, b in zip(prompts, before, after):
         table.add_row(conv.turns[-1].content, a, b)
     Console(width=160).print(table)
