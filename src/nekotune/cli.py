@@ -324,7 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`data check f.json --model m key=value`): argparse leaves
+    # those as unknown, and they join the overrides here.
+    args, unknown = parser.parse_known_args(argv)
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = list(args.rest or []) + unknown
     if args.version:
         from nekotune import __version__
 

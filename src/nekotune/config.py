@@ -155,12 +155,14 @@ def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str, where: str) -> UserError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
-    if not close:  # try the last part alone: "r" -> "lora.r"
-        tail = key.split(".")[-1]
-        close = [k for k in all_keys() if k.split(".")[-1] == tail][:1] or difflib.get_close_matches(
-            tail, [k.split(".")[-1] for k in all_keys()], n=1, cutoff=0.6)
-        close = [k for k in all_keys() if close and k.split(".")[-1] == close[0].split(".")[-1]][:1]
+    keys = all_keys()
+    tail = key.split(".")[-1]
+    # "lr" -> "train.lr": the same last part in another section beats a fuzzy match
+    close = [k for k in keys if k.split(".")[-1] == tail][:1]
+    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:
+        tails = difflib.get_close_matches(tail, [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)
+        close = [k for k in keys if tails and k.split(".")[-1] == tails[0]][:1]
     hint = f"; did you mean `{close[0]}`?" if close else "; run `nekotune config show` to list the keys"
     return UserError(f"unknown config key `{key}` in {where}{hint}")
 

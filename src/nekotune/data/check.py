@@ -26,7 +26,7 @@ def check_file(path: str, cfg, model: str | None = None) -> int:
     from nekotune import model as M
     from nekotune.data.formats import apply_mapping
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     rows = read_rows(path, split=cfg.data.split, max_rows=cfg.data.max_rows)
     if not rows:
         raise UserError(f"{path}: no rows; the file is empty")

@@ -137,18 +137,25 @@ class Renderer:
             return self._fit(Encoded(ids, list(ids)))
         messages = conv.messages(self.system_prompt)
         full = self.render(messages, add_generation_prompt=False)
-        enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if self.train_on_prompt:
+            ids = self._tokenize(full)
             return self._fit(Encoded(ids, list(ids)))
-        spans = self.assistant_spans(messages, full, conv.where)
-        labels = [IGNORE] * len(ids)
-        s = 0
-        for k, (a, b) in enumerate(offsets):
-            while s < len(spans) and spans[s][1] <= a:
-                s += 1
-            if s < len(spans) and b > spans[s][0] and a < spans[s][1] and b > a:
-                labels[k] = ids[k]
+        # Tokenize piece by piece at the span edges: BPE must not merge a prompt's last
+        # characters with the answer's first, or training would see other prompt tokens than
+        # generation does (Llama 3's "\n\n" before the answer is the classic case).
+        ids: list[int] = []
+        labels: list[int] = []
+        cursor = 0
+        for start, end in self.assistant_spans(messages, full, conv.where):
+            prompt_piece = self._tokenize(full[cursor:start]) if start > cursor else []
+            answer_piece = self._tokenize(full[start:end])
+            ids += prompt_piece + answer_piece
+            labels += [IGNORE] * len(prompt_piece) + answer_piece
+            cursor = end
+        if cursor < len(full):
+            tail = self._tokenize(full[cursor:])
+            ids += tail
+            labels += [IGNORE] * len(tail)
         return self._fit(Encoded(ids, labels))
 
     def _fit(self, enc: Encoded) -> Encoded | None:
