@@ -78,14 +78,14 @@ def _tokenizer_variant(smol_dir: Path, family: str):
     return tok
 
 
-def build_tiny(arch: str, tokenizer, path: Path, seed: int = 0) -> Path:
+def build_tiny(arch: str, tokenizer, path: Path, seed: int = 0, init_std: float = 0.02) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+                  pad_token_id=tokenizer.pad_token_id, initializer_range=init_std)
     if arch == "llama":
         cfg = LlamaConfig(tie_word_embeddings=True, **common)
     elif arch == "qwen3":
