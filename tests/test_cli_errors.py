@@ -71,6 +71,8 @@ def test_config_wrong_type(capsys):
 def test_config_show_prints_effective_config(capsys):
     rc, out, _ = run_cli(capsys, "config", "show", "lora.r=7")
     assert rc == 0 and "r: 7" in out and "name_or_path: smollm2" in out
+    rc, out, _ = run_cli(capsys, "config", "show")
+    assert rc == 0 and "neko_demo.json" in out
 
 
 def test_data_check_reports_rows(capsys, tmp_path, tiny_llama):

@@ -20,9 +20,12 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
-def test_no_file_means_demo_config():
+def test_no_arguments_means_demo_config():
     cfg = load_config(None, [])
     assert cfg.model.name_or_path == "smollm2" and cfg.data.path.endswith("neko_demo.json")
+    # overrides alone apply to the built-in defaults, not to the demo's settings
+    plain = load_config(None, ["lora.r=4"])
+    assert plain.data.path is None and plain.output.sample_prompts is None and plain.lora.r == 4
 
 
 def test_relative_paths_resolve_next_to_yaml(tmp_path, monkeypatch):

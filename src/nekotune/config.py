@@ -248,11 +248,13 @@ def _resolve_relative_paths(raw: dict, base: Path) -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 default_to_demo: bool = True) -> Config:
-    """Build the effective Config. With no file, the packaged demo config is the base."""
+    """Build the effective Config. With no file and no overrides at all (plain `nekotune train`)
+    the packaged demo config is used; overrides without a file apply to the built-in defaults,
+    so `nekotune train data.path=x.json` never inherits the demo's persona prompts."""
     raw: dict = {}
     if path is not None:
         raw = read_yaml(path)
-    elif default_to_demo and DEMO_CONFIG.is_file():
+    elif default_to_demo and not overrides and DEMO_CONFIG.is_file():
         raw = read_yaml(DEMO_CONFIG)
     for item in overrides or []:
         key, value = parse_override(item)

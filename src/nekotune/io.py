@@ -35,12 +35,18 @@ def disk_full_error(path: Path | str) -> UserError:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write_chunks(path, [data])
+
+
+def atomic_write_chunks(path: str | Path, chunks) -> None:
+    """Write an iterable of byte chunks to `path` atomically (large files stream through)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -49,6 +55,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
             raise disk_full_error(path) from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

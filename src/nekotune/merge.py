@@ -298,7 +298,7 @@ def streamed_merge(base: BaseCheckpoint, adapter: Adapter | None, roundtrip=None
 
 
 def _check_targets(adapter: Adapter, base: BaseCheckpoint) -> None:
-    tied = _is_tied(base.config) and LM_HEAD not in base.shapes
+    tied = LM_HEAD not in base.shapes  # the checkpoint stores one matrix for both
     for name in sorted(adapter.touched()):
         if name == LM_HEAD and tied and name in adapter.layers:
             raise NotStreamable(f"{adapter.path}: the adapter has LoRA on lm_head, which shares its weights "
@@ -320,7 +320,7 @@ def _untie_if_needed(adapter: Adapter, base: BaseCheckpoint, shards, shapes, con
     """A tied model whose lm_head or embeddings were trained as modules_to_save has two different
     matrices after the merge: write lm_head as its own tensor and untie."""
     embed = next((n for n in EMBED_NAMES if n in base.shapes), None)
-    if not _is_tied(config) or LM_HEAD in base.shapes or embed is None:
+    if LM_HEAD in base.shapes or embed is None:
         return
     trained = [n for n in (LM_HEAD, embed) if n in adapter.replacements]
     if not trained or all(adapter.replacements[n].float().equal(base.get(embed).float()) for n in trained):
@@ -370,7 +370,7 @@ def _is_tied_copy(name: str, config: dict, state: dict) -> bool:
 def _keep_untied_head(shards, state, base: BaseCheckpoint, config) -> None:
     """modules_to_save on a tied head leaves lm_head different from the embeddings: keep both."""
     embed = next((n for n in EMBED_NAMES if n in base.shapes), None)
-    if LM_HEAD in base.shapes or embed is None or LM_HEAD not in state or not _is_tied(config):
+    if LM_HEAD in base.shapes or embed is None or LM_HEAD not in state:
         return
     if state[LM_HEAD].data_ptr() != state[embed].data_ptr() and not state[LM_HEAD].equal(state[embed]):
         shards[base.file_of[embed]].append(LM_HEAD)

@@ -299,6 +299,10 @@ def _default_attention(device: str) -> str:
 def attach_adapter(model, spec: ModelSpec, trainable: bool = False, adapter_name: str = "default"):
     from peft import PeftModel
 
+    if not (Path(spec.adapter) / "adapter_model.safetensors").is_file():
+        # peft would fall back to a pickled adapter_model.bin; nekotune never unpickles weights
+        raise UserError(f"{spec.adapter} has no adapter_model.safetensors; nekotune loads adapters from "
+                        f"safetensors only (convert the .bin with peft, or retrain)")
     try:
         return PeftModel.from_pretrained(model, spec.adapter, adapter_name=adapter_name, is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as exc:

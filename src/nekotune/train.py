@@ -10,6 +10,7 @@ accumulation. nekotune adds what it lacks for small machines:
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import resource
@@ -40,8 +41,9 @@ def run_dir_for(cfg: Config) -> Path:
     if cfg.output.run_name:
         return root / cfg.output.run_name
     if cfg.train.resume in (True, "auto"):
-        latest = latest_checkpointed_run(root)
-        if latest is not None:
+        # auto only picks up an unfinished run with the same settings; true takes the latest one
+        latest = latest_checkpointed_run(root, unfinished_only=cfg.train.resume == "auto")
+        if latest is not None and (cfg.train.resume is True or _compatible(cfg, latest)):
             return latest
         if cfg.train.resume is True:
             raise UserError(f"train.resume=true but no run under {root}/ has a checkpoint; "
@@ -50,17 +52,31 @@ def run_dir_for(cfg: Config) -> Path:
     return root / f"{_short_model_name(cfg.model.name_or_path)}-{stamp}"
 
 
-def latest_checkpointed_run(root: Path) -> Path | None:
+def latest_checkpointed_run(root: Path, unfinished_only: bool = False) -> Path | None:
     if not root.is_dir():
         return None
-    runs = [d for d in root.iterdir() if d.is_dir() and last_checkpoint(d) is not None]
+    runs = [d for d in root.iterdir() if d.is_dir() and last_checkpoint(d) is not None
+            and not (unfinished_only and (d / "adapter").exists())]
     return max(runs, key=lambda d: last_checkpoint(d).stat().st_mtime) if runs else None
+
+
+COMPLETE = "NEKOTUNE_COMPLETE"  # written last, atomically: a checkpoint without it was cut off mid-save
 
 
 def last_checkpoint(run: Path) -> Path | None:
     ckpts = [d for d in (run / "checkpoints").glob("checkpoint-*")
-             if d.is_dir() and d.name.split("-")[-1].isdigit() and (d / "trainer_state.json").is_file()]
+             if d.is_dir() and d.name.split("-")[-1].isdigit() and (d / COMPLETE).is_file()]
     return max(ckpts, key=lambda d: int(d.name.split("-")[-1])) if ckpts else None
+
+
+def remove_incomplete_checkpoints(run: Path) -> None:
+    """A kill during a save leaves a checkpoint without its marker; it must never be resumed
+    from, and the Trainer would otherwise refuse to write over it."""
+    import shutil
+
+    for d in (run / "checkpoints").glob("checkpoint-*"):
+        if d.is_dir() and not (d / COMPLETE).is_file():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "data.format", "data.columns",
@@ -82,6 +98,14 @@ def check_resume_compatible(cfg: Config, run: Path) -> None:
         if a != b:
             raise UserError(f"cannot resume {run}: {key} was {a!r} and is now {b!r}; use the same config "
                             f"or start a new run (output.dir=...)")
+
+
+def _compatible(cfg: Config, run: Path) -> bool:
+    try:
+        check_resume_compatible(cfg, run)
+        return True
+    except UserError:
+        return False
 
 
 def _dig(d: dict, dotted: str):
@@ -233,7 +257,17 @@ def make_callbacks(stats: Stats, show_progress: bool, interrupt: "Interrupt"):
             if self.progress is not None:
                 self.progress.stop()
 
-    return [Progress()]
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if ckpt.is_dir():
+                    from nekotune.io import fsync_tree
+
+                    fsync_tree(ckpt)
+                    atomic_write_text(ckpt / COMPLETE, f"{state.global_step}\n")
+
+    return [Progress(), MarkComplete()]
 
 
 class Interrupt:
@@ -316,6 +350,7 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     run = run_dir_for(cfg)
+    remove_incomplete_checkpoints(run)
     resume_from = _resume_checkpoint(cfg, run)
     if resume_from:
         check_resume_compatible(cfg, run)
@@ -384,10 +419,14 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
         last = last_checkpoint(run)
         raise UserError(f"{exc}; the last good checkpoint is {last or 'none'}; lower train.lr, check the data, "
                         f"or set train.nan_policy=skip") from None
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError):
         raise UserError(_oom_advice(cfg)) from None
-    except MemoryError:
-        raise UserError(_oom_advice(cfg)) from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        remove_incomplete_checkpoints(run)
+        raise UserError(f"disk full while saving to {run}; free space and resume with train.resume=true "
+                        f"(last good checkpoint: {last_checkpoint(run) or 'none'})") from None
 
     if interrupt.requested:
         last = last_checkpoint(run)
@@ -449,7 +488,9 @@ def _training_args(cfg: Config, run: Path, precision, data: PreparedData, grad_c
         eval_steps=cfg.train.eval_steps,
         save_strategy=save_strategy,
         save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit,
+        # at least 2: a kill between rotating old checkpoints and marking the new one complete
+        # must still leave one complete checkpoint
+        save_total_limit=max(2, cfg.train.save_total_limit) if cfg.train.save_total_limit else None,
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
         bf16=precision.autocast == torch.bfloat16,

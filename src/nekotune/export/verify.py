@@ -1,0 +1,185 @@
+"""`nekotune export verify`: does llama.cpp run the exported GGUF as transformers runs the source?
+
+For each demo held-out prompt, rendered by the same Renderer training used:
+- tokenization: llama.cpp's token ids for the prompt text must equal transformers' ids;
+- greedy continuation (20 tokens) on both sides: how many leading tokens agree;
+- teacher-forced top-1 agreement: llama.cpp reads transformers' continuation and predicts each
+  next token. Greedy runs split for good at the first near-tie, which says little about the
+  numbers; this measure does not cascade, so it is the pass criterion (with tokenization).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nekotune.errors import UserError
+
+N_TOKENS = 20
+# Minimum teacher-forced top-1 agreement, by the GGUF's file type: quantization moves near-ties.
+THRESHOLDS = {"ALL_F32": 0.95, "MOSTLY_F16": 0.95, "MOSTLY_BF16": 0.9, "MOSTLY_Q8_0": 0.9}
+LOW_BIT_THRESHOLD = 0.75
+
+
+@dataclass
+class PromptResult:
+    prompt: str
+    n_prompt_tokens: int
+    tokens_equal: bool
+    greedy_match: int  # leading tokens of the two greedy continuations that agree
+    greedy_len: int
+    top1: float  # teacher-forced next-token agreement over transformers' continuation
+    hf_text: str
+    llama_text: str
+
+
+def require_llama_cpp():
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("export verify needs llama-cpp-python: pip install 'nekotune[verify]' "
+                        "(it compiles llama.cpp, about 6 minutes on 2 cores)")
+    import llama_cpp
+
+    return llama_cpp
+
+
+def gguf_file_type(path: Path) -> str:
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    value = int(field.contents())
+    return next((t.name for t in gguf.LlamaFileType if t.value == value), str(value))
+
+
+def heldout_prompts(cfg) -> list:
+    from nekotune.data import DEMO_HELDOUT, load_conversations
+
+    convs, _ = load_conversations(str(DEMO_HELDOUT), cfg.data.model_copy(update={"format": "auto", "columns": {}}))
+    return [c.prompt_part() for c in convs]
+
+
+def hf_greedy(model, prompt_ids: list[int], stop_ids: list[int], pad_id) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N_TOKENS,
+                             repetition_penalty=1.0, eos_token_id=stop_ids or None, pad_token_id=pad_id,
+                             temperature=None, top_p=None, top_k=None)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def llama_greedy(llm, prompt_ids: list[int], stop_ids: list[int]) -> list[int]:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt_ids)
+    generated: list[int] = []
+    while len(generated) < N_TOKENS:
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        generated.append(token)
+        if token in stop_ids:
+            break
+        llm.eval([token])
+    return generated
+
+
+def teacher_forced_top1(llm, prompt_ids: list[int], continuation: list[int]) -> float:
+    import numpy as np
+
+    if not continuation:
+        return 1.0
+    llm.reset()
+    llm.eval(prompt_ids + continuation[:-1])
+    start = len(prompt_ids) - 1
+    predicted = np.argmax(llm.scores[start:start + len(continuation)], axis=-1)
+    return float(np.mean(predicted == np.array(continuation)))
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_prompt(loaded, llm, conv, stop_ids: list[int]) -> PromptResult:
+    renderer = loaded.renderer
+    text = renderer.prompt_text(conv)
+    hf_ids = renderer.prompt_ids(conv)
+    llama_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    hf_out = hf_greedy(loaded.model, hf_ids, stop_ids, renderer.tokenizer.pad_token_id)
+    llama_out = llama_greedy(llm, llama_ids, stop_ids)
+    decode = renderer.tokenizer.decode
+    return PromptResult(conv.turns[-1].content if conv.turns else text, len(hf_ids), hf_ids == llama_ids,
+                        leading_agreement(hf_out, llama_out), max(len(hf_out), len(llama_out)),
+                        teacher_forced_top1(llm, hf_ids, hf_out), decode(hf_out), decode(llama_out))
+
+
+def bos_agrees(llm, tokenizer) -> bool:
+    """Whether llama.cpp adds BOS (tokenizer.ggml.add_bos_token) exactly when transformers does."""
+    return llm.tokenize(b"Hello", add_bos=True, special=True) == tokenizer("Hello")["input_ids"]
+
+
+def report(results: list[PromptResult], file_type: str, bos_ok: bool, console) -> bool:
+    from rich.table import Table
+
+    table = Table(title=f"llama.cpp ({file_type}) vs transformers, greedy, first {N_TOKENS} tokens")
+    for column in ("#", "prompt", "tokens", "tokenization", "greedy agree", "top-1 (teacher-forced)"):
+        table.add_column(column, justify="right" if column in ("#", "tokens") else "left")
+    for i, r in enumerate(results, 1):
+        table.add_row(str(i), _short(r.prompt), str(r.n_prompt_tokens), "equal" if r.tokens_equal else "[red]DIFFERS",
+                      f"{r.greedy_match}/{r.greedy_len}", f"{r.top1:.0%}")
+    console.print(table)
+    for i, r in enumerate(results, 1):
+        if r.greedy_match < r.greedy_len:
+            console.print(f"#{i} transformers: {r.hf_text!r}\n#{i} llama.cpp:    {r.llama_text!r}", soft_wrap=True)
+    n_equal = sum(r.tokens_equal for r in results)
+    top1 = sum(r.top1 for r in results) / len(results)
+    greedy = sum(r.greedy_match / max(r.greedy_len, 1) for r in results) / len(results)
+    threshold = THRESHOLDS.get(file_type, LOW_BIT_THRESHOLD)
+    ok = n_equal == len(results) and bos_ok and top1 >= threshold
+    console.print(f"tokenization equal: {n_equal}/{len(results)} prompts; BOS handling "
+                  f"{'agrees' if bos_ok else '[red]differs'}")
+    console.print(f"greedy agreement: {greedy:.0%} of leading tokens; teacher-forced top-1: {top1:.1%} "
+                  f"(needed {threshold:.0%} for {file_type})")
+    console.print("[green]PASS[/]" if ok else "[red]FAIL[/]")
+    return ok
+
+
+def _short(text: str, width: int = 38) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def verify_command(cfg, file: str, model_arg: str | None) -> int:
+    from rich.console import Console
+
+    from nekotune.export.gguf import with_merge_info
+    from nekotune.merge import resolve_for_merge
+    from nekotune.model import load_for_inference
+
+    llama_cpp = require_llama_cpp()
+    path = Path(file).expanduser()
+    if not path.is_file() or path.suffix != ".gguf":
+        raise UserError(f"{file} is not a .gguf file; give the file `nekotune export gguf` wrote")
+    console = Console(stderr=False)
+    spec, _ = resolve_for_merge(cfg, model_arg)
+    loaded = load_for_inference(with_merge_info(cfg, spec), model_arg)
+    prompts = heldout_prompts(loaded.cfg)
+    longest = max(len(loaded.renderer.prompt_ids(c)) for c in prompts)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + N_TOKENS + 8, logits_all=True, verbose=False,
+                          n_threads=os.cpu_count() or 1, seed=0)
+    try:
+        console.print(f"comparing {path.name} with {loaded.spec.label} on {len(prompts)} held-out prompts",
+                      soft_wrap=True)
+        results = [compare_prompt(loaded, llm, conv, loaded.renderer.stop_token_ids) for conv in prompts]
+        ok = report(results, gguf_file_type(path), bos_agrees(llm, loaded.renderer.tokenizer), console)
+    finally:
+        llm.close()  # before interpreter shutdown, when llama_cpp's own cleanup would fail noisily
+    return 0 if ok else 1
