@@ -97,10 +97,10 @@ def test_packed_and_padded_batches_give_same_per_example_loss(tiny_llama, smol_t
     convs, _ = to_conversations([Row({"instruction": q, "output": a}, f"r{i}") for i, (q, a) in enumerate(texts)])
     feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in map(r.encode, convs)]
     with torch.no_grad():
+        hf = type(model).forward(model, **pad_batch(feats, smol_tokenizer.pad_token_id)).loss  # transformers' own loss
         single = [trained_positions_loss(model, flatten_batch([f]))[0] for f in feats]
         packed, n_packed = trained_positions_loss(model, flatten_batch(feats))
         padded, n_padded = trained_positions_loss(model, pad_batch(feats, smol_tokenizer.pad_token_id))
-        hf = model(**pad_batch(feats, smol_tokenizer.pad_token_id)).loss
     counts = [sum(1 for x in f["labels"][1:] if x != -100) for f in feats]
     weighted = sum(l * c for l, c in zip(single, counts)) / sum(counts)
     assert n_packed == n_padded == sum(counts)

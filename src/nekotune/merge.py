@@ -556,7 +556,7 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
         _write_merge_info(tmp, spec, cfg, out_dtype, low_memory)
     console.print(f"merged {spec.adapter} into {spec.base}\n-> {out_path} ({len(merged.shards)} shard"
                   f"{'s' if len(merged.shards) > 1 else ''}, {_size(total)}, {out_dtype}"
-                  f"{', low-memory' if low_memory else ''})")
+                  f"{', low-memory' if low_memory else ''})", soft_wrap=True)
     return out_path
 
 

@@ -274,7 +274,8 @@ def load_model(spec: ModelSpec, model_cfg, precision: Precision, training: bool 
         kwargs["revision"] = model_cfg.revision
     if model_cfg.quantization:
         kwargs["quantization_config"] = quantization_config(model_cfg, precision.autocast or torch.bfloat16)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # each process of a multi-GPU run keeps its quantized copy on its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     if Path(spec.base).is_dir() and any(Path(spec.base).glob("*.safetensors")):
         kwargs["use_safetensors"] = True  # never unpickle weights from a local directory
     try:

@@ -48,7 +48,9 @@ def run_dir_for(cfg: Config) -> Path:
         if cfg.train.resume is True:
             raise UserError(f"train.resume=true but no run under {root}/ has a checkpoint; "
                             f"set output.dir to the run to resume, or train.resume=false")
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    from nekotune.distributed import agree_on
+
+    stamp = agree_on(datetime.now().strftime("%Y%m%d-%H%M%S"))
     return root / f"{_short_model_name(cfg.model.name_or_path)}-{stamp}"
 
 
@@ -115,15 +117,22 @@ def _dig(d: dict, dotted: str):
 
 
 # -- loss ------------------------------------------------------------------------------------
+def causal_lm(model):
+    """The transformers *ForCausalLM inside DDP/FSDP and peft wrappers."""
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "get_decoder"):
+        m = m.module
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
 def supports_fast_loss(model) -> bool:
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = causal_lm(model)
     cfg = base.config
     head = base.get_output_embeddings()
-    return (isinstance(head, torch.nn.Linear) and type(head) is torch.nn.Linear and head.bias is None
-            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None)
-            and hasattr(base, "get_decoder"))
+    return (type(head) is torch.nn.Linear and head.bias is None and hasattr(base, "get_decoder")
+            and not getattr(cfg, "final_logit_softcapping", None) and not getattr(cfg, "logit_scale", None))
 
 
 def _chunk_ce(hidden, weight, targets):
@@ -132,28 +141,58 @@ def _chunk_ce(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
 
 
-def trained_positions_loss(model, inputs: dict, chunk: int = LOSS_CHUNK):
+def chunked_trained_loss(hidden, weight, labels, chunk: int = LOSS_CHUNK):
     """Mean cross-entropy over trained tokens, projecting only those hidden states to the
     vocabulary, chunk by chunk with recomputation, so no full logits tensor ever exists."""
-    import torch
     from torch.utils.checkpoint import checkpoint
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    labels = inputs["labels"]
-    kwargs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = base.get_decoder()(**kwargs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     h = hidden[:, :-1][keep]
     y = targets[keep]
     n = y.numel()
     if n == 0:
-        return hidden.sum() * 0.0, 0
-    weight = base.get_output_embeddings().weight
-    total = hidden.new_zeros((), dtype=torch.float32)
+        return hidden.sum() * 0.0
+    total = None
     for s in range(0, n, chunk):
-        total = total + checkpoint(_chunk_ce, h[s: s + chunk], weight, y[s: s + chunk], use_reentrant=False)
-    return total / n, n
+        part = checkpoint(_chunk_ce, h[s: s + chunk], weight, y[s: s + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total / n
+
+
+def _fast_forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, inputs_embeds=None,
+                  **kwargs):
+    if labels is None:  # generation and plain calls keep the model's own forward
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+    loss = chunked_trained_loss(hidden, self.get_output_embeddings().weight, labels)
+    return CausalLMOutputWithPast(loss=loss, logits=None)
+
+
+def install_fast_loss(model) -> bool:
+    """Route `model(..., labels=...)` through the trained-positions loss. It is installed on the
+    inner causal LM so that DDP/FSDP wrappers still see a normal forward call."""
+    import types
+
+    if not supports_fast_loss(model):
+        return False
+    base = causal_lm(model)
+    if not getattr(base, "_nekotune_fast_loss", False):
+        base.forward = types.MethodType(_fast_forward, base)
+        base._nekotune_fast_loss = True
+    return True
+
+
+def trained_positions_loss(model, inputs: dict, chunk: int = LOSS_CHUNK):
+    """(mean loss over trained tokens, their count) for a batch from the collator."""
+    install_fast_loss(model)
+    n = int((inputs["labels"][:, 1:] != -100).sum())
+    out = model(**inputs, use_cache=False)
+    return out.loss, n
 
 
 def make_trainer_class():
@@ -167,10 +206,7 @@ def make_trainer_class():
         stats = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.fast_loss:
-                loss, _ = trained_positions_loss(model, inputs)
-            else:
-                loss = model(**inputs, use_cache=False).loss
+            loss, _ = trained_positions_loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -349,8 +385,12 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    from nekotune.distributed import is_main_process
+
+    rank0 = is_main_process()
     run = run_dir_for(cfg)
-    remove_incomplete_checkpoints(run)
+    if rank0:
+        remove_incomplete_checkpoints(run)
     resume_from = _resume_checkpoint(cfg, run)
     if resume_from:
         check_resume_compatible(cfg, run)
@@ -366,7 +406,6 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
     tokenizer = M.load_tokenizer(spec, cfg.model)
     renderer = Renderer.from_config(tokenizer, cfg.data)
     data = prepare(cfg, renderer)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
         _print_data_summary(data, renderer, precision, run)
 
@@ -403,7 +442,7 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
     trainer = trainer_cls(model=model, args=args, train_dataset=_Examples(data.train),
                           eval_dataset=_Examples(data.eval) if data.eval else None,
                           data_collator=Collator(tokenizer.pad_token_id, cfg.data.packing), callbacks=callbacks)
-    trainer.fast_loss = supports_fast_loss(model)
+    trainer.fast_loss = install_fast_loss(model)
     trainer.nan_policy = cfg.train.nan_policy
     trainer.stats = stats
     trainer.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer divides by accumulation

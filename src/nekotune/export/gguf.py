@@ -472,7 +472,7 @@ def export_command(cfg, model_arg: str | None, out: str, type: str = "q8_0") -> 
         raise UserError(f"--out {out} is a directory; give a file name ending in .gguf")
     source = prepare(cfg, model_arg)
     written = export_gguf(source, out_path, type, console)
-    console.print(f"wrote {out_path} ({written}, {file_size(out_path)}) from {source.spec.label}")
+    console.print(f"wrote {out_path} ({written}, {file_size(out_path)}) from {source.spec.label}", soft_wrap=True)
     console.print(f"check it against transformers: nekotune export verify {out_path}"
-                  + (f" --model {model_arg}" if model_arg else ""))
+                  + (f" --model {model_arg}" if model_arg else ""), soft_wrap=True, markup=False)
     return out_path

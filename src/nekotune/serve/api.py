@@ -23,6 +23,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, Optional, Union
 
+from fastapi import Request  # module level: FastAPI resolves route annotations from module globals
 from pydantic import BaseModel, ConfigDict, Field
 
 from nekotune.data.formats import Conversation, Turn
@@ -470,8 +471,6 @@ def _install_error_handlers(app) -> None:
 
 
 def _key_checker(api_key: str | None):
-    from fastapi import Request
-
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def check(request: Request) -> None:
@@ -488,7 +487,7 @@ def _key_checker(api_key: str | None):
 def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int = 4, max_tokens_cap: int = 1024,
                cors_origins: list[str] | None = None):
     """The FastAPI app for a loaded ModelPool (tests build one directly; `nekotune serve` runs it)."""
-    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi import APIRouter, Depends, FastAPI
 
     if max_concurrency < 1 or max_tokens_cap < 1:
         raise UserError("--max-concurrency and --max-tokens-cap must be at least 1")
