@@ -22,7 +22,8 @@ def load_prompts(source, data_cfg, limit: int | None = None) -> list[Conversatio
         else:
             from nekotune.data import load_conversations
 
-            full, _ = load_conversations(str(path), data_cfg.model_copy(update={"max_rows": None}))
+            full, _ = load_conversations(str(path), data_cfg.model_copy(update={"max_rows": None}),
+                                         prompts_only=True)
             convs = full
     convs = convs[:limit] if limit else convs
     if not convs:

@@ -153,7 +153,7 @@ def predict_file(cfg, model_arg, file: str, out: str, limit: int | None = None) 
     from nekotune.model import load_for_inference
 
     loaded = load_for_inference(cfg, model_arg)
-    convs, _ = load_conversations(file, loaded.cfg.data.model_copy(update={"format": loaded.cfg.data.format}))
+    convs, _ = load_conversations(file, loaded.cfg.data, prompts_only=True)
     convs = convs[:limit] if limit else convs
     settings = GenSettings.from_config(loaded.cfg.generate)
     prompts = [c.prompt_part() for c in convs]

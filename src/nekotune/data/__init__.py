@@ -21,10 +21,11 @@ __all__ = ["Conversation", "Turn", "Encoded", "Renderer", "load_conversations", 
            "DEMO_DATA", "DEMO_HELDOUT", "percentile"]
 
 
-def load_conversations(path: str | None, data_cfg, max_rows: int | None = None) -> tuple[list[Conversation], str]:
+def load_conversations(path: str | None, data_cfg, max_rows: int | None = None,
+                       prompts_only: bool = False) -> tuple[list[Conversation], str]:
     path = path or str(DEMO_DATA)
     rows = read_rows(path, split=data_cfg.split, max_rows=max_rows or data_cfg.max_rows)
-    return to_conversations(rows, data_cfg.format, data_cfg.columns, source=path)
+    return to_conversations(rows, data_cfg.format, data_cfg.columns, source=path, prompts_only=prompts_only)
 
 
 def percentile(values: list[int], q: float) -> int:

@@ -104,7 +104,7 @@ def _first_key(data: dict, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if k in data), None)
 
 
-def from_alpaca(row: Row) -> Conversation:
+def from_alpaca(row: Row, prompts_only: bool = False) -> Conversation:
     qkey = _first_key(row.data, QUESTION_KEYS) or "instruction"
     akey = _first_key(row.data, ANSWER_KEYS) or "output"
     instruction = _text(row, qkey, fmt="alpaca")
@@ -118,7 +118,9 @@ def from_alpaca(row: Row) -> Conversation:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise UserError(f"{row.where}: history item {i} must be a [question, answer] pair of texts")
         turns += [Turn("user", pair[0].strip()), Turn("assistant", pair[1].strip())]
-    turns += [Turn("user", question), Turn("assistant", _text(row, akey, fmt="alpaca"))]
+    turns.append(Turn("user", question))
+    if not (prompts_only and akey not in row.data):
+        turns.append(Turn("assistant", _text(row, akey, fmt="alpaca")))
     system = _text(row, "system", required=False) or None
     return Conversation(turns=turns, system=system, where=row.where)
 
@@ -207,13 +209,16 @@ def detect_format(data: dict) -> str | None:
 
 
 def to_conversations(rows: list[Row], fmt: str = "auto", columns: dict[str, str] | None = None,
-                     source: str = "") -> tuple[list[Conversation], str]:
-    """Convert rows; returns the conversations and the format used."""
+                     source: str = "", prompts_only: bool = False) -> tuple[list[Conversation], str]:
+    """Convert rows; returns the conversations and the format used. `prompts_only` also accepts
+    question-only rows (e.g. NekoBench) for predict and compare."""
     if not rows:
         raise UserError(f"{source or 'dataset'}: no rows; the file is empty")
     rows = [apply_mapping(r, columns or {}) for r in rows]
     if fmt == "auto":
         fmt = detect_format(rows[0].data) or ""
+        if not fmt and prompts_only and _first_key(rows[0].data, QUESTION_KEYS):
+            fmt = "qa"
         if not fmt:
             raise UserError(f"{rows[0].where}: cannot tell the format from fields {_fields(rows[0].data)}; "
                             f"set data.format (one of {', '.join(FORMATS)}) and map columns with "
@@ -221,6 +226,8 @@ def to_conversations(rows: list[Row], fmt: str = "auto", columns: dict[str, str]
     if fmt not in FORMATS:
         raise UserError(f"unknown data.format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
     convert = FORMATS[fmt]
+    if prompts_only and fmt in ("alpaca", "qa"):
+        convert = lambda r: from_alpaca(r, prompts_only=True)  # noqa: E731
     if fmt == "alpaca" and "input" in rows[0].data and "instruction" not in rows[0].data and \
             not _first_key(rows[0].data, QUESTION_KEYS):
         # input/output pairs: the input is the question

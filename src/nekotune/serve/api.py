@@ -278,8 +278,9 @@ class Generation:
 
     @functools.cached_property
     def completion_tokens(self) -> int:
-        """Read once the answer is complete. generate.stream yields text, so it is re-encoded to count."""
-        return self.server.pool.count_tokens(self.text)
+        """Read once the answer is complete. generate.stream yields text, not ids, so the answer is
+        re-encoded to count it; re-encoding can merge or split differently, hence the clamp."""
+        return min(self.server.pool.count_tokens(self.text), self.settings.max_new_tokens)
 
     @property
     def finish_reason(self) -> str:
