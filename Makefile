@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH)
 
 fuzz: $(STAMP)
 	NEKOTUNE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests -k fuzz

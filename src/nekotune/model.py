@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +100,8 @@ def resolve_base(name: str) -> str:
             raise UserError(f"{p} is not a model directory (no config.json); give an HF model directory, "
                             f"a run directory, an adapter directory, a .gguf file or a hub id")
         return str(p)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name and name.count("/") != 1:
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
         raise UserError(f"model path {name} not found; check the path or use a hub id like Qwen/Qwen3-1.7B")
     return name  # a hub id; from_pretrained downloads it
 
@@ -142,8 +142,9 @@ def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: s
 
 
 def _owning_run(p: Path) -> Path | None:
-    for parent in [p.parent, p.parent.parent, p.parent.parent.parent]:
-        if (parent / "config.yaml").is_file() and (parent / "run.json").exists() or (parent / "config.yaml").is_file():
+    """The run directory an adapter or checkpoint belongs to (run/adapter, run/checkpoints/checkpoint-N)."""
+    for parent in (p.parent, p.parent.parent):
+        if (parent / "config.yaml").is_file():
             return parent
     return None
 
@@ -312,8 +313,6 @@ def attach_adapter(model, spec: ModelSpec, trainable: bool = False, adapter_name
                         f"base it was trained on") from None
 
 
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- inference -------------------------------------------------------------------------------
