@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny, tiny_overrides
+from conftest import tiny_overrides
 from nekotune.config import load_config
 from nekotune.data.render import FALLBACK_TEMPLATE, Renderer
 from nekotune.errors import UserError
@@ -330,17 +330,19 @@ def test_cli_export_gguf_and_errors(merged_llama, tmp_path, capsys):
     assert rc == 2 and ".gguf" in err and len(err.strip().splitlines()) == 1
 
 
-def test_q4_k_m_is_written_or_falls_back(merged_llama, tmp_path, capsys):
+def test_q4_k_m_is_written_or_falls_back(merged_llama, tmp_path, capsys, monkeypatch):
     import gguf
 
-    from nekotune.export.gguf import export_command
+    from nekotune.export import gguf as export_gguf
     from nekotune.export.verify import gguf_file_type
 
-    out = export_command(_cfg(), str(merged_llama), str(tmp_path / "k.gguf"), "q4_k_m")
-    assert gguf_file_type(out) == ("MOSTLY_Q4_K_M" if HAS_LLAMA_CPP else "MOSTLY_Q5_0")
-    assert len(gguf.GGUFReader(out).tensors) == 20
-    if not HAS_LLAMA_CPP:
-        assert "q5_0" in capsys.readouterr().err
+    if HAS_LLAMA_CPP:
+        out = export_gguf.export_command(_cfg(), str(merged_llama), str(tmp_path / "k.gguf"), "q4_k_m")
+        assert gguf_file_type(out) == "MOSTLY_Q4_K_M" and len(gguf.GGUFReader(out).tensors) == 20
+    monkeypatch.setattr(export_gguf, "_k_quant_available", lambda: False)
+    out = export_gguf.export_command(_cfg(), str(merged_llama), str(tmp_path / "k5.gguf"), "q4_k_m")
+    assert gguf_file_type(out) == "MOSTLY_Q5_0"
+    assert "writing q5_0" in capsys.readouterr().err
 
 
 # -- Ollama ----------------------------------------------------------------------------------
@@ -484,4 +486,52 @@ def test_llama_cpp_runs_the_export_like_transformers(bases, llama_adapter, merge
         assert np.abs(np.array(llm.scores[:IDS.shape[1]]) - peft_logits[0].numpy()).max() < 1e-2
     finally:
         llm.close()
-    assert verify_command(_cfg(), str(out), str(merged_llama)) == 0
+    assert verify_command(_cfg(), str(out), str(merged_llama), limit=3) == 0
+
+
+def _tiny_variant(kind, tokenizer, path):
+    """Tiny models whose attention is sharp enough that a wrong rotary layout shows in the logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = {
+        "llama3-rope": lambda: LlamaConfig(tie_word_embeddings=True, rope_parameters={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}, **common),
+        "mistral": lambda: MistralConfig(sliding_window=None, **common),
+        "qwen2": lambda: Qwen2Config(**common),
+        "qwen3": lambda: Qwen3Config(head_dim=16, tie_word_embeddings=True, **common),
+    }[kind]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'nekotune[verify]')")
+@pytest.mark.parametrize("kind", ["llama3-rope", "mistral", "qwen2", "qwen3"])
+def test_llama_cpp_logits_match_transformers(smol_tokenizer, tmp_path, kind):
+    """Rotary layout (permuted for Llama/Mistral, NEOX for Qwen), Qwen3's q/k norms, Qwen2's biases
+    and Llama 3.1's frequency factors, all checked by llama.cpp itself."""
+    import llama_cpp
+
+    from nekotune.export.gguf import export_command
+
+    model = _tiny_variant(kind, smol_tokenizer, tmp_path / kind)
+    out = export_command(_cfg(), str(tmp_path / kind), str(tmp_path / f"{kind}.gguf"), "f32")
+    ids = list(range(100, 160))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    try:
+        llm.eval(ids)
+        assert np.abs(np.array(llm.scores[:len(ids)]) - expected).max() < 5e-3
+    finally:
+        llm.close()

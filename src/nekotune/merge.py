@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,10 +270,8 @@ class MergedModel:
     shards: dict[str, list[str]]
     shapes: dict[str, tuple[int, ...]]
     config: dict
-    source_dtype: str
     get: Callable[[str], object]  # name -> fp32 tensor
     base_dir: Path
-    adapter: Adapter | None = None
 
     def names(self) -> list[str]:
         return [n for names in self.shards.values() for n in names]
@@ -294,7 +293,7 @@ def streamed_merge(base: BaseCheckpoint, adapter: Adapter | None, roundtrip=None
             weight = roundtrip(sources[name], weight)
         return adapter.merge(name, weight) if adapter is not None else weight
 
-    return MergedModel(shards, shapes, config, base.weights_dtype, get, base.path, adapter)
+    return MergedModel(shards, shapes, config, get, base.path)
 
 
 def _check_targets(adapter: Adapter, base: BaseCheckpoint) -> None:
@@ -360,7 +359,7 @@ def inmemory_merge(spec, model_cfg, compute_dtype: str, base: BaseCheckpoint | N
     missing = [n for n in shapes if n not in state]
     if missing:
         raise RuntimeError(f"merged model has no tensor {missing[0]} of the base checkpoint")
-    return MergedModel(shards, shapes, config, compute_dtype, lambda n: state[n].float(), Path(spec.base))
+    return MergedModel(shards, shapes, config, lambda n: state[n].float(), Path(spec.base))
 
 
 def _is_tied_copy(name: str, config: dict, state: dict) -> bool:
@@ -549,6 +548,7 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
     compute = base_dtype if base_dtype == out_dtype and base_dtype != "float32" else "float32"
     merged = open_merged(spec, cfg, low_memory=low_memory, compute_dtype=compute, console=console)
     with atomic_dir(out_path) as tmp:
+        readable_by_all(tmp)
         total = write_merged(merged, tmp, out_dtype, console)
         _write_config(merged, tmp, out_dtype)
         _write_generation_config(merged.base_dir, tmp, merged.config, renderer)
@@ -558,6 +558,13 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
                   f"{'s' if len(merged.shards) > 1 else ''}, {_size(total)}, {out_dtype}"
                   f"{', low-memory' if low_memory else ''})", soft_wrap=True)
     return out_path
+
+
+def readable_by_all(path: Path) -> None:
+    """Temporary files and directories are created private; a finished export is not a secret."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _size(nbytes: int) -> str:

@@ -328,12 +328,14 @@ def adds_special_tokens(tokenizer) -> dict[str, bool]:
 def atomic_file(target: Path):
     """A temporary path next to `target`, renamed over it on success."""
     from nekotune.io import disk_full_error
+    from nekotune.merge import readable_by_all
 
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        readable_by_all(Path(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)

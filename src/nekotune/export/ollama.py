@@ -382,6 +382,7 @@ def ollama_command(cfg, model_arg: str | None, out: str, type: str = "q4_0") -> 
 
     from nekotune.export.gguf import adds_special_tokens, export_gguf, file_size, prepare
     from nekotune.io import atomic_dir
+    from nekotune.merge import readable_by_all
 
     console = Console(stderr=True)
     out_path = Path(out).expanduser()
@@ -391,6 +392,7 @@ def ollama_command(cfg, model_arg: str | None, out: str, type: str = "q4_0") -> 
     parts = modelfile_parts(source.renderer, adds_special_tokens(source.tokenizer)["bos"])
     name = ollama_name(source.name)
     with atomic_dir(out_path) as tmp:
+        readable_by_all(tmp)
         written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, console)
         gguf_name = f"{name}-{written}.gguf"
         if written != type:

@@ -157,7 +157,7 @@ def _short(text: str, width: int = 38) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def verify_command(cfg, file: str, model_arg: str | None) -> int:
+def verify_command(cfg, file: str, model_arg: str | None, limit: int | None = None) -> int:
     from rich.console import Console
 
     from nekotune.export.gguf import with_merge_info
@@ -171,7 +171,7 @@ def verify_command(cfg, file: str, model_arg: str | None) -> int:
     console = Console(stderr=False)
     spec, _ = resolve_for_merge(cfg, model_arg)
     loaded = load_for_inference(with_merge_info(cfg, spec), model_arg)
-    prompts = heldout_prompts(loaded.cfg)
+    prompts = heldout_prompts(loaded.cfg)[:limit]
     longest = max(len(loaded.renderer.prompt_ids(c)) for c in prompts)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + N_TOKENS + 8, logits_all=True, verbose=False,
                           n_threads=os.cpu_count() or 1, seed=0)
