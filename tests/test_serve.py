@@ -321,7 +321,7 @@ def test_client_disconnect_frees_the_slot(single_slot_server):
         with http.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200
             lines = resp.iter_lines()
-            received = [line for line, _ in zip(lines, range(4)) if line.startswith("data:")]
+            received = [line for line in (next(lines) for _ in range(4)) if line.startswith("data:")]
             assert received
             _wait_for(url, lambda h: h["active"] == 1, timeout=10)
         # Leaving the block closed the connection mid-answer (1000 tokens take many seconds).

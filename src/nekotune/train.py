@@ -376,8 +376,9 @@ def build_peft_model(model, cfg: Config, grad_ckpt: bool):
 
 
 # -- the recipe ------------------------------------------------------------------------------
-def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=None) -> Path:
-    """Fine-tune and return the run directory. `after_train(model, renderer, run)` runs on rank 0."""
+def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=None, callbacks=None) -> Path:
+    """Fine-tune and return the run directory. `after_train(model, renderer, run)` runs on rank 0;
+    `callbacks` are extra transformers TrainerCallbacks (the web UI reads progress through one)."""
     import torch
     from transformers import TrainingArguments, set_seed
 
@@ -412,6 +413,10 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
     model = M.load_model(spec, cfg.model, precision, training=True)
     grad_ckpt = wants_grad_checkpointing(cfg, device)
     model = build_peft_model(model, cfg, grad_ckpt)
+    from nekotune.speed import fuse_lora_adds, use_packed_attention
+
+    speed = {"fused_lora_layers": fuse_lora_adds(model),
+             "packed_attention": bool(cfg.data.packing and use_packed_attention(model))}
 
     run.mkdir(parents=True, exist_ok=True)
     if rank0:
@@ -436,7 +441,7 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
     interrupt = Interrupt()
     if stop_flag is not None:
         interrupt = stop_flag
-    callbacks = make_callbacks(stats, show_progress and rank0, interrupt)
+    callbacks = make_callbacks(stats, show_progress and rank0, interrupt) + list(callbacks or [])
     if cfg.output.tensorboard and rank0:
         callbacks.append(_tensorboard_callback(run))
     trainer = trainer_cls(model=model, args=args, train_dataset=_Examples(data.train),
@@ -472,7 +477,7 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
         raise TrainingInterrupted(run, last)
     if rank0:
         _save_adapter(model, tokenizer, run)
-        _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec)
+        _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec, speed)
         if cfg.output.plot:
             plot_losses(trainer.state.log_history, run / "loss.png")
         if after_train is not None:
@@ -589,7 +594,7 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec) -> None:
+def _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec, speed: dict) -> None:
     import peft
     import torch
     import transformers
@@ -600,7 +605,7 @@ def _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec) 
     info = {
         "nekotune": __version__, "config": cfg.to_dict(), "base_model": spec.base, "data": data.stats,
         "precision": precision.name, "device": precision.device, "gradient_checkpointing": grad_ckpt,
-        "packing": cfg.data.packing, "fast_loss": trainer.fast_loss,
+        "packing": cfg.data.packing, "fast_loss": trainer.fast_loss, **speed,
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
         "train_losses": train_losses, "eval_losses": eval_losses,
         "first_loss": train_losses[0][1] if train_losses else None,
