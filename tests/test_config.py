@@ -64,7 +64,7 @@ def test_bad_yaml(tmp_path):
 
 def test_preset_below_explicit_values():
     cfg = load_config(None, ["preset=8gb", "train.batch_size=1"], default_to_demo=False)
-    assert cfg.model.quantization == PRESETS["8gb"]["model"]["quantization"]
+    assert cfg.data.max_seq_len == PRESETS["8gb"]["data"]["max_seq_len"]
     assert cfg.train.batch_size == 1 and cfg.train.grad_accum == PRESETS["8gb"]["train"]["grad_accum"]
 
 

@@ -186,8 +186,8 @@ def test_nan_loss_guard(tiny_llama, qa_file, tmp_path, monkeypatch, policy):
     real = T.trained_positions_loss
     calls = {"n": 0}
 
-    def poisoned(model, inputs, chunk=T.LOSS_CHUNK):
-        loss, n = real(model, inputs, chunk)
+    def poisoned(model, inputs):
+        loss, n = real(model, inputs)
         if model.training:
             calls["n"] += 1
             if calls["n"] == 3:

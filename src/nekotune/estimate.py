@@ -1,0 +1,373 @@
+"""`nekotune estimate`: peak training memory from config.json and the training config alone.
+
+Nothing here imports torch or loads weights, so it answers in well under a second. Every term
+is a count of tensors nekotune's training path keeps alive; the few constants (runtime baseline,
+allocator slack) are measured and checked by bench/estimate_memory.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nekotune.errors import UserError
+
+MB = 2**20
+GB = 2**30
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CPU_RUNTIME_MB = 440  # RSS after importing torch, transformers, peft, accelerate (measured, x86-64 Linux)
+CUDA_CONTEXT_MB = 600  # CUDA context + cuBLAS workspace: outside torch's allocated memory
+ALLOCATOR_SLACK = 0.10  # freed-but-held blocks (glibc arenas on CPU, the caching allocator on GPU)
+LOSS_CHUNK_BYTES = 2**27  # the same budget as train.LOSS_CHUNK_BYTES
+# Measured by bench/estimate_memory.py on CPU (fp32): autograd keeps more than the tensor count
+# below (fp32 copies inside RMSNorm and rotary, views made contiguous, per-example attention
+# pieces) and glibc keeps freed blocks. One factor for all rows, not one per row.
+CPU_ACTIVATION_FACTOR = 1.25
+CKPT_KEPT_HIDDEN = {"cpu": 6, "cuda": 2}  # hidden-sized tensors per layer and token kept under checkpointing
+SEEDS_RULES = {"lora": (3, 4), "qlora": (2.5, 2.5), "full": (20, 20)}  # GB per billion parameters
+
+
+@dataclass
+class Arch:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    qk_norm: bool
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: dict, name: str = "") -> "Arch":
+        text = cfg.get("text_config") or cfg
+        try:
+            hidden = int(text["hidden_size"])
+            heads = int(text["num_attention_heads"])
+            arch = cls(hidden=hidden, layers=int(text["num_hidden_layers"]), heads=heads,
+                       kv_heads=int(text.get("num_key_value_heads") or heads),
+                       head_dim=int(text.get("head_dim") or hidden // heads),
+                       intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
+                       tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+                       qk_norm=text.get("model_type", cfg.get("model_type")) in ("qwen3", "qwen3_moe"), name=name)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{name or 'config.json'}: missing or invalid field {exc}; estimate needs a decoder-only "
+                            f"model config (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
+                            f"vocab_size)") from None
+        return arch
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection in one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
+                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
+                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def norm_params(self) -> int:
+        per_layer = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        return self.layers * per_layer + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_linear_params + self.embedding_params + self.norm_params
+
+
+# -- reading the model's config ----------------------------------------------------------------
+def read_model_config(model_arg: str) -> tuple[dict, str]:
+    p = Path(model_arg).expanduser()
+    if p.is_file() and p.name.endswith(".json"):
+        return _load_json(p), str(p)
+    if p.is_dir():
+        for candidate in (p / "config.json", p / "adapter" / "adapter_config.json", p / "adapter_config.json"):
+            if candidate.is_file() and candidate.name == "config.json":
+                return _load_json(candidate), str(candidate)
+        if (p / "adapter_config.json").is_file() or (p / "adapter").is_dir():
+            from nekotune.model import resolve
+
+            return read_model_config(resolve(str(p)).base)
+        raise UserError(f"{p} has no config.json; point --model at a model directory, a config.json or a hub id")
+    if model_arg in ("smollm2", "", None) or p.suffix == ".gguf":
+        from nekotune.model import resolve_base
+
+        return read_model_config(resolve_base(model_arg))
+    if model_arg.count("/") == 1 and not model_arg.startswith((".", "/", "~")):
+        return _from_hub(model_arg)
+    raise UserError(f"model {model_arg} not found; give a model directory, a config.json or a hub id")
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _from_hub(repo: str) -> tuple[dict, str]:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo, "config.json")
+    except Exception as exc:  # offline, gated, missing: all the same to the user
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot fetch config.json of {repo} ({first[:160]}); download it and pass "
+                        f"--model path/to/config.json") from None
+    return _load_json(Path(path)), repo
+
+
+# -- the breakdown -----------------------------------------------------------------------------
+@dataclass
+class Settings:
+    device: str = "cuda"  # cuda | cpu
+    weight_bytes: float = 2.0  # per base parameter: 4 fp32, 2 bf16
+    act_bytes: float = 2.0
+    quant4: bool = False
+    batch: int = 4
+    seq: int = 1024
+    grad_ckpt: bool = False
+    lora_r: int = 16
+    targets: tuple[str, ...] = LINEAR_NAMES
+    dora: bool = False
+    chunked_loss: bool = True
+    grad_accum: int = 1
+
+
+@dataclass
+class Estimate:
+    model: str
+    settings: dict
+    items: dict[str, float] = field(default_factory=dict)  # MB
+
+    @property
+    def total_mb(self) -> float:
+        return sum(self.items.values())
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "settings": self.settings, "items_mb": {k: round(v, 1) for k, v in self.items.items()},
+                "total_mb": round(self.total_mb, 1), "total_gb": round(self.total_mb / 1024, 2)}
+
+
+def lora_params(arch: Arch, r: int, targets: tuple[str, ...], dora: bool = False) -> int:
+    shapes = arch.linear_shapes()
+    per_layer = sum(r * (i + o) + (o if dora else 0) for name, (i, o) in shapes.items() if name in targets)
+    return arch.layers * per_layer
+
+
+def base_weights_bytes(arch: Arch, s: Settings) -> float:
+    if not s.quant4:
+        return arch.params * s.weight_bytes
+    linear = arch.layers * arch.layer_linear_params
+    # NF4: 4 bits a weight; double quantization keeps one 8-bit absmax per 64 weights and one
+    # fp32 constant per 256 of those: 0.127 extra bits a weight. Embeddings and norms stay bf16.
+    return linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + (arch.embedding_params + arch.norm_params) * 2
+
+
+def activation_elems_per_token_layer(arch: Arch, s: Settings) -> float:
+    """Elements kept for backward per token in one decoder layer (SDPA, LoRA on the targets)."""
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    hidden_terms = 5 * arch.hidden  # layer input, two norms' inputs and outputs, residual sum
+    attention = 3 * q + 3 * kv + arch.heads  # q, k, v, rotated q and k, attention output, logsumexp
+    mlp = 4 * arch.intermediate  # gate, up, activation, product
+    lora = len(s.targets) * s.lora_r
+    return hidden_terms + attention + mlp + lora
+
+
+def estimate(arch: Arch, s: Settings) -> Estimate:
+    tokens = s.batch * s.seq
+    est = Estimate(model=arch.name, settings=asdict(s))
+    n_lora = lora_params(arch, s.lora_r, s.targets, s.dora)
+    est.items["base weights"] = base_weights_bytes(arch, s) / MB
+    est.items["LoRA weights + grads + AdamW (fp32)"] = n_lora * 16 / MB
+    factor = CPU_ACTIVATION_FACTOR if s.device == "cpu" else 1.0
+    per_layer = activation_elems_per_token_layer(arch, s) * s.act_bytes * factor
+    if s.grad_ckpt:
+        kept = tokens * CKPT_KEPT_HIDDEN.get(s.device, 2) * arch.hidden * s.act_bytes * arch.layers
+        recompute = tokens * per_layer  # one layer's activations during its recomputation
+        est.items["activations (gradient checkpointing)"] = (kept + recompute) / MB
+    else:
+        est.items["activations"] = tokens * per_layer * arch.layers / MB
+    # backward holds the gradient of a couple of layers' activations at a time
+    est.items["activation gradients in flight"] = 2 * tokens * per_layer / MB
+    est.items["logits + loss"] = logits_bytes(arch, s, tokens) / MB
+    if s.device == "cuda":
+        est.items["CUDA context (outside torch allocations)"] = CUDA_CONTEXT_MB
+    else:
+        est.items["Python + torch runtime"] = CPU_RUNTIME_MB
+    est.items["allocator slack"] = ALLOCATOR_SLACK * sum(v for k, v in est.items.items()
+                                                         if k not in ("Python + torch runtime",
+                                                                      "CUDA context (outside torch allocations)"))
+    return est
+
+
+def logits_bytes(arch: Arch, s: Settings, tokens: int) -> float:
+    if s.chunked_loss:  # nekotune: one checkpointed chunk of fp32 logits, its softmax and gradient
+        chunk = max(128, min(4096, LOSS_CHUNK_BYTES // (4 * arch.vocab)))
+        return 3 * min(chunk, tokens) * arch.vocab * 4
+    return 3 * tokens * arch.vocab * 4  # a plain HF loss: fp32 logits for every token, softmax, gradient
+
+
+def plain_loss_logits_mb(arch: Arch, s: Settings) -> float:
+    return 3 * s.batch * s.seq * arch.vocab * 4 / MB
+
+
+def inference_mb(arch: Arch, seq: int = 2048) -> dict[str, float]:
+    kv_cache = 2 * arch.layers * arch.kv_heads * arch.head_dim * seq * 2
+    linear = arch.layers * arch.layer_linear_params
+    other = arch.embedding_params + arch.norm_params
+    weights = {"bf16": arch.params * 2, "8-bit": linear * (1 + 4 / 64) + other * 2,
+               "4-bit": linear * (4.127 / 8) + other * 2}
+    return {k: (v + kv_cache) / MB + CUDA_CONTEXT_MB for k, v in weights.items()}
+
+
+# -- settings from a Config --------------------------------------------------------------------
+def detect_device(requested: str = "auto") -> str:
+    if requested in ("cuda", "cpu"):
+        return requested
+    if requested == "mps":
+        return "cpu"  # unified memory: the RSS model applies
+    return "cuda" if shutil.which("nvidia-smi") else "cpu"
+
+
+def settings_from_config(cfg, device: str) -> Settings:
+    targets = cfg.lora.target_modules
+    if targets == "all-linear" or targets == ["all-linear"]:
+        targets = LINEAR_NAMES
+    elif isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(","))
+    weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}.get(cfg.model.dtype, 2.0 if device == "cuda" else 4.0)
+    grad_ckpt = cfg.train.grad_checkpointing
+    if grad_ckpt == "auto":
+        grad_ckpt = device == "cuda" and bool(cfg.model.quantization)
+    return Settings(device=device, weight_bytes=weight_bytes, act_bytes=weight_bytes,
+                    quant4=cfg.model.quantization == "4bit", batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
+                    grad_ckpt=bool(grad_ckpt), lora_r=cfg.lora.r, targets=tuple(targets), dora=cfg.lora.use_dora,
+                    grad_accum=cfg.train.grad_accum)
+
+
+# -- fitting a budget --------------------------------------------------------------------------
+def parse_size(text: str) -> float:
+    """'8GB', '12g', '7.5GiB', '24000MB' -> MB."""
+    t = text.strip().lower().replace("ib", "b")
+    for suffix, factor in (("gb", 1024), ("g", 1024), ("mb", 1), ("m", 1)):
+        if t.endswith(suffix):
+            try:
+                return float(t[: -len(suffix)]) * factor
+            except ValueError:
+                break
+    raise UserError(f"--fit {text!r}: give a memory size like 8GB or 24000MB (or auto on a GPU machine)")
+
+
+def gpu_memory_mb() -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / MB
+    except ImportError:
+        pass
+    raise UserError("--fit auto needs a CUDA GPU; give the budget instead, e.g. --fit 8GB")
+
+
+def fit(arch: Arch, s: Settings, budget_mb: float) -> tuple[Settings, Estimate] | None:
+    """The fastest settings under the budget, in this order of preference: the given batch; a
+    smaller micro-batch with more accumulation (same effective batch); gradient checkpointing;
+    shorter sequences; 4-bit weights."""
+    effective = s.batch * s.grad_accum
+    for quant in ([s.quant4] if s.quant4 else [False, True]):
+        for ckpt in ([s.grad_ckpt] if s.grad_ckpt else [False, True]):
+            seq = s.seq
+            while seq >= min(256, s.seq):
+                for batch in _batches(s.batch):
+                    trial = Settings(**{**asdict(s), "quant4": quant, "grad_ckpt": ckpt, "seq": seq, "batch": batch,
+                                        "grad_accum": max(1, effective // batch)})
+                    trial.targets = tuple(trial.targets)
+                    est = estimate(arch, trial)
+                    if est.total_mb <= budget_mb:
+                        return trial, est
+                seq //= 2
+    return None
+
+
+def _batches(start: int) -> list[int]:
+    out, b = [], start
+    while b >= 1:
+        out.append(b)
+        b //= 2
+    return out
+
+
+def overrides_for(s: Settings) -> list[str]:
+    out = [f"train.batch_size={s.batch}", f"train.grad_accum={s.grad_accum}", f"data.max_seq_len={s.seq}",
+           f"train.grad_checkpointing={'true' if s.grad_ckpt else 'false'}"]
+    if s.quant4:
+        out.append("model.quantization=4bit")
+    return out
+
+
+# -- the command -------------------------------------------------------------------------------
+def estimate_command(cfg, model_arg: str | None, fit: str | None = None, as_json: bool = False) -> int:
+    name = model_arg or cfg.model.name_or_path
+    raw, source = read_model_config(name)
+    arch = Arch.from_config(raw, name=name)
+    device = detect_device(cfg.model.device)
+    s = settings_from_config(cfg, device)
+    if s.quant4 and device != "cuda":
+        device = s.device = "cuda"  # QLoRA only runs on CUDA: estimate for a GPU
+    est = estimate(arch, s)
+    result = {"model": name, "config": source, "params": arch.params,
+              "lora_params": lora_params(arch, s.lora_r, s.targets, s.dora), "estimate": est.to_dict(),
+              "plain_hf_loss_logits_mb": round(plain_loss_logits_mb(arch, s), 1),
+              "inference_mb": {k: round(v, 1) for k, v in inference_mb(arch).items()}}
+    if fit:
+        budget = gpu_memory_mb() if fit.strip().lower() == "auto" else parse_size(fit)
+        found = globals()["fit"](arch, s, budget)
+        result["fit"] = ({"budget_mb": round(budget), "settings": asdict(found[0]), "total_mb": round(found[1].total_mb, 1),
+                          "overrides": overrides_for(found[0])} if found else
+                         {"budget_mb": round(budget), "settings": None,
+                          "message": "nothing fits: use a smaller model, or more GPUs with FSDP (docs/distributed.md)"})
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return 0
+    _print(arch, s, est, result)
+    return 0
+
+
+def _print(arch: Arch, s: Settings, est: Estimate, result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    what = "QLoRA 4-bit" if s.quant4 else f"LoRA, base in {'fp32' if s.weight_bytes == 4 else 'bf16'}"
+    console.print(f"[bold]{result['model']}[/]: {arch.params / 1e9:.2f}B parameters, {result['lora_params']:,} LoRA "
+                  f"parameters (r={s.lora_r}); {what} on {s.device}; batch {s.batch} x {s.seq} tokens"
+                  f"{', gradient checkpointing' if s.grad_ckpt else ''}")
+    table = Table(title="peak training memory")
+    table.add_column("item")
+    table.add_column("MB", justify="right")
+    for k, v in est.items.items():
+        table.add_row(k, f"{v:,.0f}")
+    table.add_row("[bold]total[/]", f"[bold]{est.total_mb:,.0f}[/] ({est.total_mb / 1024:.1f} GB)")
+    console.print(table)
+    console.print(f"a plain transformers loss would hold {result['plain_hf_loss_logits_mb']:,.0f} MB of fp32 logits "
+                  f"here; nekotune's chunked loss holds {est.items['logits + loss']:,.0f} MB")
+    inf = result["inference_mb"]
+    console.print("inference (2048-token context): " + ", ".join(f"{k} {v / 1024:.1f} GB" for k, v in inf.items()))
+    if "fit" in result:
+        f = result["fit"]
+        if f["settings"] is None:
+            console.print(f"[red]--fit {f['budget_mb'] / 1024:.1f} GB: {f['message']}[/]")
+        else:
+            console.print(f"[green]fits {f['budget_mb'] / 1024:.1f} GB[/] ({f['total_mb'] / 1024:.1f} GB): "
+                          + " ".join(f["overrides"]))
