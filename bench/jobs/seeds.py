@@ -16,9 +16,7 @@ tok = AutoTokenizer.from_pretrained(cfg["model"])
 rows = json.load(open(cfg["train_file"]))
 features = []
 for conv in conversations(rows):
-    ids = tok.apply_chat_template(conv, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) else list(ids)
-    ids = ids[: cfg["max_len"]]
+    ids = list(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])[: cfg["max_len"]]
     features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
 model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=torch.float32)
 model = get_peft_model(model, LoraConfig(r=cfg["r"], lora_alpha=cfg["alpha"], lora_dropout=0.05,
