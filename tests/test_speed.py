@@ -70,3 +70,60 @@ def test_training_records_speed_paths(tiny_llama, qa_file, tmp_path):
                             default_to_demo=False), show_progress=False)
     info = json.loads((run / "run.json").read_text())
     assert info["fused_lora_layers"] == 14 and info["packed_attention"] and info["fast_loss"]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_grouped_matmul_attention_matches_sdpa(heads, kv_heads):
+    import torch.nn.functional as F
+
+    from nekotune.speed import grouped_matmul_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, h, 37, 8, requires_grad=True) for h in (heads, kv_heads, kv_heads))
+    ours = grouped_matmul_attention(q, k, v, scaling=0.3)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=heads != kv_heads)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    weights = torch.randn_like(ref)
+    grads = [torch.autograd.grad((out * weights).sum(), (q, k, v)) for out in (ours, ref)]
+    for g_ours, g_ref in zip(*grads):
+        assert torch.allclose(g_ours, g_ref, atol=1e-5)
+
+
+def test_bf16_packed_rows_match_padded_batch(tiny_llama, smol_tokenizer):
+    """The CPU bf16 path (grouped-matmul attention per example, fused LoRA under autocast) gives
+    the loss and LoRA gradients of the padded batch that transformers' own attention computes."""
+    cfg = load_config(None, ["lora.r=4", "lora.alpha=8"], default_to_demo=False)
+    model = _model(tiny_llama, cfg).to(torch.bfloat16)
+    assert fuse_lora_adds(model) > 0 and use_packed_attention(model)
+    feats = _feats(smol_tokenizer)
+    results = []
+    for batch in (flatten_batch(feats), pad_batch(feats, smol_tokenizer.pad_token_id)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = trained_positions_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads))
+    (packed_loss, packed), (padded_loss, padded) = results
+    assert abs(packed_loss - padded_loss) < 0.02 * abs(padded_loss)
+    assert len(packed) == len(padded) > 0
+    for name, grad in padded.items():
+        scale = grad.abs().max().item() + 1e-6
+        assert (packed[name] - grad).abs().max().item() < 0.1 * scale, name
+
+
+def test_chunked_loss_equals_full_cross_entropy_with_gradients():
+    import torch.nn.functional as F
+
+    from nekotune.train import chunked_trained_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 30, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)  # a trainable head (modules_to_save) gets its gradient too
+    labels = torch.randint(0, 50, (2, 30))
+    labels[0, :7] = -100
+    full = F.cross_entropy((hidden[:, :-1] @ weight.t()).reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ours = chunked_trained_loss(hidden, weight, labels, chunk=6)  # several chunks and a short last one
+    assert torch.allclose(ours, full, atol=1e-6)
+    for g_ours, g_full in zip(torch.autograd.grad(3 * ours, (hidden, weight)), torch.autograd.grad(3 * full, (hidden, weight))):
+        assert torch.allclose(g_ours, g_full, atol=1e-6)

@@ -1,4 +1,9 @@
-"""Shared by the peer jobs: the job's data and settings, read from the JSON the harness writes."""
+"""Shared by the peer jobs (run in the main venv or in bench/.venvs/*): the job's settings, read
+from the JSON the harness writes, the rows as conversations, and one Trainer callback that times
+training and records the per-step losses the same way for every peer.
+
+Nothing here imports transformers at module level: Unsloth must be imported before it.
+"""
 
 import json
 import sys
@@ -6,22 +11,68 @@ import time
 
 
 def job() -> dict:
-    return json.loads(open(sys.argv[1]).read())
+    with open(sys.argv[1], encoding="utf-8") as fh:
+        return json.load(fh)
 
 
-def conversations(rows):
-    return [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}] for r in rows]
+def rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
-def report(out_dir: str, train_seconds: float, losses: list[float]) -> None:
-    with open(f"{out_dir}/job_metrics.json", "w") as fh:
-        json.dump({"train_seconds": train_seconds, "losses": losses}, fh)
+def conversations(items: list[dict]) -> list[list[dict]]:
+    """One user turn and one assistant turn per row, no system turn: the model's chat template
+    adds its own default system prompt, as it does for every tool that applies the template."""
+    return [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            for r in items]
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.time()
-        return self
+def make_callback():
+    """A TrainerCallback: training time from on_train_begin to on_train_end (what nekotune's
+    run.json reports too) and every logged training loss with its step."""
+    from transformers import TrainerCallback
 
-    def __exit__(self, *a):
-        self.seconds = time.time() - self.start
+    class BenchCallback(TrainerCallback):
+        def __init__(self):
+            self.start = self.end = None
+            self.losses = []
+            self.max_steps = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.time()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.end = time.time()
+            self.max_steps = state.max_steps
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append([state.global_step, float(logs["loss"])])
+
+    return BenchCallback()
+
+
+def versions(*names: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def report(cfg: dict, cb, extra: dict | None = None) -> None:
+    """Write job_metrics.json next to the adapter; the harness reads it."""
+    import torch
+
+    seconds = (cb.end - cb.start) if cb.start and cb.end else None
+    out = {"train_seconds": seconds, "losses": cb.losses, "steps": cb.max_steps,
+           "torch_threads": torch.get_num_threads(),
+           "versions": versions("torch", "transformers", "peft", "trl", "accelerate", "datasets", "unsloth",
+                                "unsloth_zoo", "llamafactory"),
+           **(extra or {})}
+    with open(f"{cfg['out']}/job_metrics.json", "w", encoding="utf-8") as fh:
+        json.dump(out, fh, indent=1)
