@@ -26,12 +26,14 @@ def masked_loss(model, renderer, convs: list[Conversation], batch_size: int = 8)
 
     from nekotune.data.collate import flatten_batch
     from nekotune.generate import autocast_for
+    from nekotune.speed import use_packed_attention
     from nekotune.train import trained_positions_loss
 
     encoded = [e for e in (renderer.encode(c) for c in convs) if e is not None]
     if not encoded:
         raise UserError("no row has an answer to score; eval needs rows with reference answers")
     total, count = 0.0, 0
+    use_packed_attention(model)  # per-example attention on the packed rows, as in training
     model.eval()
     with torch.no_grad(), autocast_for(model):
         for i in range(0, len(encoded), batch_size):
