@@ -13,6 +13,7 @@ BENCHES = [
     ("training speed and memory vs peers (issue #7)", "train_bench.py"),
     ("memory estimate vs measured peak (issue #6)", "estimate_memory.py"),
     ("low-memory merge peak RSS vs bound (issue #4)", "merge_memory.py"),
+    ("per-example attention variants, bf16 on CPU (issue #7)", "attention.py"),
 ]
 
 

@@ -122,3 +122,20 @@ def test_smollm2_smoke(tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert info["final_loss"] < info["first_loss"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_liger_is_cuda_only_and_never_imported_on_cpu(capsys):
+    import importlib.util
+    import sys
+
+    from nekotune.errors import UserError
+    from nekotune.train import wants_liger
+
+    cfg = load_config(None, ["train.liger=true"], default_to_demo=False)
+    assert wants_liger(cfg, "cpu") is False
+    assert "CUDA GPUs only" in capsys.readouterr().out
+    assert "liger_kernel" not in sys.modules
+    assert wants_liger(load_config(None, [], default_to_demo=False), "cuda") is False
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(UserError, match="pip install liger-kernel"):
+            wants_liger(cfg, "cuda")

@@ -552,6 +552,26 @@ def _resume_checkpoint(cfg: Config, run: Path) -> Path | None:
     return ckpt
 
 
+def wants_liger(cfg: Config, device: str) -> bool:
+    """train.liger=true: Liger's Triton kernels (RMSNorm, SwiGLU, RoPE) through the Trainer, on CUDA
+    only; never imported elsewhere. nekotune's own chunked loss stays in place of Liger's."""
+    import importlib.util
+
+    if not cfg.train.liger:
+        return False
+    if device != "cuda":
+        print(f"note: train.liger=true applies to CUDA GPUs only; training on {device} without Liger kernels")
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("train.liger=true needs the liger-kernel package: pip install liger-kernel "
+                        "(or set train.liger=false)")
+    return True
+
+
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
+
+
 def _training_args(cfg: Config, run: Path, precision, data: PreparedData, grad_ckpt: bool):
     import torch
     from transformers import TrainingArguments
@@ -587,6 +607,8 @@ def _training_args(cfg: Config, run: Path, precision, data: PreparedData, grad_c
         bf16=precision.autocast == torch.bfloat16,
         fp16=precision.autocast == torch.float16,
         use_cpu=on_cpu,
+        use_liger_kernel=wants_liger(cfg, precision.device),
+        liger_kernel_config=LIGER_KERNELS,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
