@@ -235,6 +235,8 @@ def test_gguf_reads_back_complete(bases, tmp_path, arch, gtype):
             want = gguf.GGMLQuantizationType.Q8_0
         if gtype == "q4_0" and name == "output.weight":
             want = gguf.GGMLQuantizationType.Q8_0
+        if gtype == "q8_0" and (name == "output.weight" or (name == "token_embd.weight" and "output.weight" not in got)):
+            want = gguf.GGMLQuantizationType.F16
         assert tensor.tensor_type == want, (name, tensor.tensor_type)
     for key in REQUIRED_KEYS:
         assert key.format(a=gguf.MODEL_ARCH_NAMES[_arch(arch)]) in reader.fields, key
@@ -269,9 +271,12 @@ def test_q8_0_dequantizes_close_to_the_merged_weights(merged_llama, tmp_path):
         state.update(load_file(shard))
     by_gguf = {"blk.0.attn_q.weight": permute_for_rope(state["model.layers.0.self_attn.q_proj.weight"], 4),
                "blk.0.attn_k.weight": permute_for_rope(state["model.layers.0.self_attn.k_proj.weight"], 2),
-               "blk.1.ffn_down.weight": state["model.layers.1.mlp.down_proj.weight"],
-               "token_embd.weight": state["model.embed_tokens.weight"]}
+               "blk.1.ffn_down.weight": state["model.layers.1.mlp.down_proj.weight"]}
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    embedding = tensors["token_embd.weight"]  # tied: the output matrix, kept f16
+    assert embedding.tensor_type == gguf.GGMLQuantizationType.F16
+    assert np.allclose(np.asarray(embedding.data, dtype=np.float32).reshape(state["model.embed_tokens.weight"].shape),
+                       state["model.embed_tokens.weight"].half().float().numpy())
     for name, original in by_gguf.items():
         t = tensors[name]
         assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
@@ -291,6 +296,9 @@ def test_tensor_type_fallbacks():
     assert tensor_type("output.weight", (500, 64), "q4_0", True) == Q.Q8_0
     assert tensor_type("token_embd.weight", (500, 64), "q4_0", False) == Q.Q8_0  # tied: it is the output too
     assert tensor_type("token_embd.weight", (500, 64), "q4_0", True) == Q.Q4_0
+    assert tensor_type("output.weight", (500, 64), "q8_0", True) == Q.F16
+    assert tensor_type("token_embd.weight", (500, 64), "q8_0", False) == Q.F16  # tied
+    assert tensor_type("token_embd.weight", (500, 64), "q8_0", True) == Q.Q8_0
     assert tensor_type("blk.0.attn_q.weight", (64, 64), "bf16", True) == Q.BF16
 
 
