@@ -592,6 +592,8 @@ def markdown(s: dict) -> str:
                      f"{fmt(r.get('peak_rss_vs_b'))} | {fmt(r.get('mfu'), 3)} | {setup_s} |")
         if r.get("eval_error"):
             notes.append(f"- {r['row']}: eval failed: {r['eval_error']}")
+    notes.append("- ×b: the row's figure divided by row b's (tokens/s: higher is better; wall time and peak RSS: "
+                 "lower is better, so 0.50 means half of b's).")
     if "flops" in s:
         notes.append(f"- FLOPs {s['flops']['formula']}.")
     return "\n".join(lines + ([""] + notes if notes else []))
