@@ -185,7 +185,8 @@ def test_training_shows_progress_and_loss_curve(browser, ui, qa_file, tmp_path):
     open_tab(browser, ui["url"], "Train")
     type_into(browser, "#train-model textarea", ui["model"])
     type_into(browser, "#train-data textarea", qa_file)
-    for field, value in (("max-steps", 20), ("lr", 0.005), ("r", 4), ("seq", 128), ("batch", 4)):
+    # enough steps to outlast several of the page's 1-second polls even on a fast CPU (bf16: ~15 steps/s)
+    for field, value in (("max-steps", 200), ("lr", 0.005), ("r", 4), ("seq", 128), ("batch", 4)):
         type_into(browser, f"#train-{field} input", value)
     click(browser, "#train-start")
     statuses: list[str] = []
@@ -197,8 +198,8 @@ def test_training_shows_progress_and_loss_curve(browser, ui, qa_file, tmp_path):
         return any(word in status for word in ("finished", "error", "stopped"))
 
     wait_until(done, 300, "training to finish", every=0.1)
-    assert "finished" in statuses[-1] and "20/20" in statuses[-1], statuses
-    steps_seen = {m.group(1) for s in statuses if "running" in s and (m := re.search(r"(\d+)/20\b", s))}
+    assert "finished" in statuses[-1] and "200/200" in statuses[-1], statuses
+    steps_seen = {m.group(1) for s in statuses if "running" in s and (m := re.search(r"(\d+)/200\b", s))}
     assert len(steps_seen) >= 2, f"progress did not update while training: {statuses}"
     # The loss curve: one point per logged step, drawn by the plot as a line.
     wait_until(lambda: browser.execute_script(
