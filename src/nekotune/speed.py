@@ -69,11 +69,30 @@ def grouped_matmul_attention(q, k, v, scaling=None):
     _, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    scores = torch.bmm(q.reshape(kv_heads, group * length, dim), k[0].transpose(1, 2))
-    scores = scores.view(kv_heads, group, length, length) * (scaling if scaling is not None else dim ** -0.5)
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-    probs = torch.softmax(scores.masked_fill(future, float("-inf")).float(), dim=-1).to(q.dtype)
-    return torch.bmm(probs.view(kv_heads, group * length, length), v[0]).view(1, heads, length, dim)
+    # the causal mask enters as baddbmm's addend, so scaling and masking cost no extra passes
+    mask = _causal_bias(length, group, q.dtype, q.device)
+    scores = torch.baddbmm(mask, q.reshape(kv_heads, group * length, dim), k[0].transpose(1, 2),
+                           alpha=scaling if scaling is not None else dim ** -0.5)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.bmm(probs, v[0]).view(1, heads, length, dim)
+
+
+_BIASES: dict = {}
+
+
+def _causal_bias(length: int, group: int, dtype, device):
+    """[group * length, length]: 0 on and below the diagonal, -inf above, once per query group."""
+    import torch
+
+    key = (length, group, dtype, str(device))
+    bias = _BIASES.get(key)
+    if bias is None:
+        if len(_BIASES) > 256:  # one entry per example length seen; bounded all the same
+            _BIASES.clear()
+        future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+        bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+        bias = _BIASES[key] = bias.repeat(group, 1)
+    return bias
 
 
 def register_packed_attention() -> str:
