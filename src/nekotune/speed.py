@@ -62,7 +62,7 @@ def causal_attention(q, k, v, scaling=None):
 def grouped_matmul_attention(q, k, v, scaling=None):
     """Causal attention as two batched matmuls per key/value head, each query group stacked along
     the rows (no copies of key/value heads); softmax in fp32. On CPUs with bf16 units torch's flash
-    kernel spends most of a training step's attention time in its backward pass; this is 1.1-1.9x
+    kernel spends most of a training step's attention time in its backward pass; this is 1.6-2.0x
     faster for examples up to 256 tokens (bench/attention.py)."""
     import torch
 
