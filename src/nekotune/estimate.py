@@ -20,7 +20,6 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 CPU_RUNTIME_MB = 440  # RSS after importing torch, transformers, peft, accelerate (measured, x86-64 Linux)
 CUDA_CONTEXT_MB = 600  # CUDA context + cuBLAS workspace: outside torch's allocated memory
 ALLOCATOR_SLACK = 0.10  # freed-but-held blocks (glibc arenas on CPU, the caching allocator on GPU)
-LOSS_CHUNK_BYTES = 2**25  # the same budget as train.LOSS_CHUNK_BYTES
 # Measured by bench/estimate_memory.py on CPU (fp32): autograd keeps more than the tensor count
 # below (fp32 copies inside RMSNorm and rotary, views made contiguous, per-example attention
 # pieces) and glibc keeps freed blocks. One factor for all rows, not one per row.
@@ -213,7 +212,9 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
 
 def logits_bytes(arch: Arch, s: Settings, tokens: int) -> float:
     if s.chunked_loss:  # nekotune: one chunk of fp32 logits, its softmax (in place) and bf16 gradient
-        chunk = max(128, min(4096, LOSS_CHUNK_BYTES // (4 * arch.vocab)))
+        from nekotune.train import loss_chunk  # here: config imports this module, train imports config
+
+        chunk = loss_chunk(arch.vocab)
         return 3 * min(chunk, tokens) * arch.vocab * 4
     return 3 * tokens * arch.vocab * 4  # a plain HF loss: fp32 logits for every token, softmax, gradient
 
