@@ -155,11 +155,13 @@ def test_merge_refuses_bad_requests(bases, llama_adapter, tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="not a merged model"):
+    with pytest.raises(UserError, match="not an earlier `nekotune merge` output"):
         merge_command(_cfg(), str(llama_adapter), str(occupied))
     assert (occupied / "notes.txt").read_text() == "keep me"
-    with pytest.raises(UserError, match="overwrite the model"):
+    with pytest.raises(UserError, match="which this command reads"):
         merge_command(_cfg(), str(llama_adapter), str(llama_adapter))
+    with pytest.raises(UserError, match="inside .*which this command reads"):
+        merge_command(_cfg(), str(llama_adapter), str(bases["llama"] / "merged"))
 
 
 def test_low_memory_refuses_what_only_peft_merges(bases, tmp_path):

@@ -94,6 +94,15 @@ class OutputConfig(_Section):
     tensorboard: bool = True
     plot: bool = True
 
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v):
+        # A run name is one directory inside `root`: a downloaded config cannot aim it elsewhere.
+        if v is not None and (v.strip(". ") == "" or any(c in v for c in '/\\:\0') or v != v.strip()):
+            raise ValueError("must be a plain directory name inside output.root (no /, \\, :, "
+                             "leading or trailing spaces, and not . or ..)")
+        return v
+
 
 class GenerateConfig(_Section):
     max_new_tokens: int = Field(256, gt=0)
@@ -277,7 +286,7 @@ def validate(raw: dict, where: str) -> Config:
         key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
         key = key.split(".str")[0].split(".list")[0].split(".bool")[0]
         got = err.get("input")
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own message
         if err["type"] == "extra_forbidden":
             raise _unknown_key_error(key, where) from None
         raise UserError(f"config key `{key}` ({where}): {msg}, got {got!r}") from None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from nekotune.errors import UserError
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 ADAPTER_PREFIX = "base_model.model."
+WRITTEN_BY = "nekotune merge"  # the marker of a merged directory (nekotune.io)
 MERGE_INFO = "nekotune_merge.json"  # what was merged, and the prompt settings the adapter was trained with
 EMBED_NAMES = ("model.embed_tokens.weight",)
 LM_HEAD = "lm_head.weight"
@@ -495,14 +495,11 @@ def resolve_for_merge(cfg, model_arg: str | None):
     return spec, effective_config(cfg, spec)
 
 
-def _check_out(out: Path, spec) -> None:
-    sources = {Path(p).resolve() for p in (spec.base, spec.adapter, spec.run_dir) if p and Path(p).exists()}
-    if out.resolve() in sources or any(s.is_relative_to(out.resolve()) for s in sources):
-        raise UserError(f"--out {out} would overwrite the model being merged; choose a new directory")
-    if out.is_file():
-        raise UserError(f"--out {out} is a file; give a directory for the merged model")
-    if out.is_dir() and any(out.iterdir()) and not (out / MERGE_INFO).is_file():
-        raise UserError(f"--out {out} exists and is not a merged model; choose a new or empty directory")
+def source_paths(spec, base_dir: Path | None = None, model_arg: str | None = None) -> list[Path]:
+    """What a merge or export reads (run, adapter, base model directory, a .gguf given as --model):
+    its output may be none of them, inside none and above none."""
+    paths = [Path(p) for p in (spec.run_dir, spec.adapter, spec.base, model_arg) if p and Path(p).exists()]
+    return paths + ([base_dir] if base_dir is not None else [])
 
 
 def open_merged(spec, cfg, low_memory: bool = True, compute_dtype: str | None = None, console=None) -> MergedModel:
@@ -528,7 +525,7 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
     from rich.console import Console
 
     from nekotune.data.render import Renderer
-    from nekotune.io import atomic_dir
+    from nekotune.io import atomic_dir, claim_output_dir
     from nekotune.model import load_tokenizer
 
     console = Console(stderr=True)
@@ -537,18 +534,18 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
         raise UserError(f"{spec.label} has no adapter to merge; pass a run directory or an adapter directory "
                         f"with --model")
     out_path = Path(out).expanduser()
-    _check_out(out_path, spec)
+    claim_output_dir(out_path, WRITTEN_BY, source_paths(spec, model_arg=model_arg))
+    base_dir = local_model_dir(spec.base, cfg.model.revision)
+    claim_output_dir(out_path, WRITTEN_BY, source_paths(spec, base_dir, model_arg))  # a hub base: now local
     tokenizer = load_tokenizer(spec, cfg.model)
     renderer = Renderer.from_config(tokenizer, cfg.data)
-    base_dir = local_model_dir(spec.base, cfg.model.revision)
     base_dtype = BaseCheckpoint.open(base_dir).weights_dtype if _has_safetensors(base_dir) else "float32"
     out_dtype = DTYPES[dtype] if dtype else base_dtype
     # Merging happens in fp32 unless base and output are both half precision: then in that precision,
     # as peft does, which halves the memory of the default mode.
     compute = base_dtype if base_dtype == out_dtype and base_dtype != "float32" else "float32"
     merged = open_merged(spec, cfg, low_memory=low_memory, compute_dtype=compute, console=console)
-    with atomic_dir(out_path) as tmp:
-        readable_by_all(tmp)
+    with atomic_dir(out_path, WRITTEN_BY) as tmp:
         total = write_merged(merged, tmp, out_dtype, console)
         _write_config(merged, tmp, out_dtype)
         _write_generation_config(merged.base_dir, tmp, merged.config, renderer)
@@ -558,13 +555,6 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
                   f"{'s' if len(merged.shards) > 1 else ''}, {_size(total)}, {out_dtype}"
                   f"{', low-memory' if low_memory else ''})", soft_wrap=True)
     return out_path
-
-
-def readable_by_all(path: Path) -> None:
-    """Temporary files and directories are created private; a finished export is not a secret."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _size(nbytes: int) -> str:

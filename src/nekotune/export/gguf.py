@@ -17,8 +17,6 @@ llama-cpp-python's quantizer when it is installed.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import os
 import tempfile
@@ -329,29 +327,19 @@ def adds_special_tokens(tokenizer) -> dict[str, bool]:
 
 
 # -- writing ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_file(target: Path):
-    """A temporary path next to `target`, renamed over it on success."""
-    from nekotune.io import disk_full_error
-    from nekotune.merge import readable_by_all
+WRITTEN_BY_KEY = "nekotune.written_by"  # a GGUF nekotune wrote; only such a file is ever overwritten
+WRITTEN_BY = "nekotune export gguf"
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+
+def written_by_nekotune(path: Path) -> bool:
+    """Whether `path` is a GGUF this exporter wrote (its metadata says so)."""
+    import gguf
+
     try:
-        yield Path(tmp)
-        readable_by_all(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise disk_full_error(target) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        field = gguf.GGUFReader(path).fields.get(WRITTEN_BY_KEY)
+        return field is not None and str(field.contents()).startswith("nekotune")
+    except Exception:  # not a GGUF, truncated, unreadable: not ours
+        return False
 
 
 def write_gguf(source: Source, merged, path: Path, type_name: str, console) -> None:
@@ -366,6 +354,7 @@ def write_gguf(source: Source, merged, path: Path, type_name: str, console) -> N
     writer = gguf.GGUFWriter(path=None, arch=arch)
     writer.add_type("model")
     writer.add_name(source.name)
+    writer.add_string(WRITTEN_BY_KEY, WRITTEN_BY)
     hp = add_hparams(writer, config, n_vocab)
     writer.add_file_type(_types()[type_name][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -427,6 +416,8 @@ def export_gguf(source: Source, out: Path, type_name: str, console) -> str:
     """Write `out`; returns the type actually written (q4_k_m may fall back)."""
     from nekotune.merge import NotStreamable, open_merged
 
+    from nekotune.io import atomic_file
+
     if type_name not in TYPE_NAMES:
         raise UserError(f"--type {type_name} is not one of {', '.join(TYPE_NAMES)}")
     architecture(_config_of(source))  # fail before any weight is read
@@ -441,6 +432,7 @@ def export_gguf(source: Source, out: Path, type_name: str, console) -> str:
                           f"writing {K_QUANT_FALLBACK}, the nearest type the gguf package can write")
             type_name = K_QUANT_FALLBACK
         else:
+            out.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp, atomic_file(out) as final:
                 f32 = Path(tmp) / "f32.gguf"
                 write_gguf(source, merged, f32, "f32", console)
@@ -471,6 +463,9 @@ def file_size(path: Path) -> str:
 def export_command(cfg, model_arg: str | None, out: str, type: str = "q8_0") -> Path:
     from rich.console import Console
 
+    from nekotune.io import check_output_file
+    from nekotune.merge import local_model_dir, source_paths
+
     console = Console(stderr=True)
     out_path = Path(out).expanduser()
     if out_path.suffix != ".gguf":
@@ -478,6 +473,8 @@ def export_command(cfg, model_arg: str | None, out: str, type: str = "q8_0") -> 
     if out_path.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name ending in .gguf")
     source = prepare(cfg, model_arg)
+    check_output_file(out_path, source_paths(source.spec, local_model_dir(source.spec.base, source.cfg.model.revision),
+                                             model_arg), ours=written_by_nekotune)
     written = export_gguf(source, out_path, type, console)
     console.print(f"wrote {out_path} ({written}, {file_size(out_path)}) from {source.spec.label}", soft_wrap=True)
     console.print(f"check it against transformers: nekotune export verify {out_path}"

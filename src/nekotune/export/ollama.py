@@ -19,6 +19,7 @@ from pathlib import Path
 from nekotune.errors import UserError
 
 PROBE = "nekotune-probe-{}"
+WRITTEN_BY = "nekotune export ollama"  # the marker of an Ollama directory (nekotune.io)
 
 
 # -- Go template subset: text, {{ pipeline }}, if/else if/else/end, range, $var := ---------------
@@ -381,18 +382,19 @@ def ollama_command(cfg, model_arg: str | None, out: str, type: str = "q4_0") -> 
     from rich.console import Console
 
     from nekotune.export.gguf import adds_special_tokens, export_gguf, file_size, prepare
-    from nekotune.io import atomic_dir
-    from nekotune.merge import readable_by_all
+    from nekotune.io import atomic_dir, claim_output_dir
+    from nekotune.merge import local_model_dir, source_paths
 
     console = Console(stderr=True)
     out_path = Path(out).expanduser()
     if out_path.is_file():
         raise UserError(f"--out {out} is a file; give a directory for the GGUF and the Modelfile")
     source = prepare(cfg, model_arg)
+    base_dir = local_model_dir(source.spec.base, source.cfg.model.revision)
+    claim_output_dir(out_path, WRITTEN_BY, source_paths(source.spec, base_dir, model_arg))
     parts = modelfile_parts(source.renderer, adds_special_tokens(source.tokenizer)["bos"])
     name = ollama_name(source.name)
-    with atomic_dir(out_path) as tmp:
-        readable_by_all(tmp)
+    with atomic_dir(out_path, WRITTEN_BY) as tmp:
         written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, console)
         gguf_name = f"{name}-{written}.gguf"
         if written != type:

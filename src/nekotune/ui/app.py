@@ -177,7 +177,13 @@ def training_config(ws: Workspace, model, data_path, system, r, alpha, lr, epoch
               "train": {"lr": float(lr), "epochs": float(epochs), "max_steps": int(max_steps),
                         "batch_size": int(batch_size), "logging_steps": 1},  # every step, for a live curve
               "output": {"run_name": (run_name or "").strip() or None, "sample_prompts": None}}
-    return validate(deep_merge(ws.cfg.to_dict(), values), "the Train tab")
+    cfg = validate(deep_merge(ws.cfg.to_dict(), values), "the Train tab")
+    if cfg.output.run_name and not cfg.output.dir:  # a named run: new, empty, or an earlier run to train again
+        from nekotune.io import claim_run_dir, inside_root
+
+        key = t("Run name", "运行名称")
+        claim_run_dir(inside_root(Path(cfg.output.root) / cfg.output.run_name, cfg.output.root, key), key)
+    return cfg
 
 
 def train_status(ws: Workspace):
@@ -377,16 +383,35 @@ def build_compare_tab(ws: Workspace) -> dict:
 
 
 # -- Export ----------------------------------------------------------------------------------
-def default_export_path(model: str, action: str, gguf_type: str) -> Path:
-    base = Path(model) if Path(model).is_dir() else Path(".")
-    return {"merge": base / "merged", "gguf": base / f"model-{gguf_type}.gguf", "ollama": base / "ollama"}[action]
+def default_export_path(model: str, action: str, gguf_type: str, root: str | Path = "outputs") -> Path:
+    """Next to the run, never inside it: an export may not write into what it reads."""
+    name = Path(str(model).rstrip("/\\")).name or "model"
+    return Path(root) / {"merge": f"{name}-merged", "gguf": f"{name}-{gguf_type}.gguf", "ollama": f"{name}-ollama"}[action]
+
+
+def export_path(ws: Workspace, out: str | None, model: str, action: str, gguf_type: str) -> Path:
+    """The page writes only under output.root: a relative path is taken inside it."""
+    from nekotune.io import inside_root
+
+    root = ws.cfg.output.root
+    out = (out or "").strip()
+    if not out:
+        path = default_export_path(model, action, gguf_type, root)
+    else:
+        path = Path(out).expanduser()
+        if not path.is_absolute() and not path.resolve().is_relative_to(Path(root).resolve()):
+            path = Path(root) / path
+    return inside_root(path, root, t("Output path", "输出路径"))
 
 
 def run_export(ws: Workspace, model, action, gguf_type, dtype, low_memory, out):
     """Call the same functions as `nekotune merge` / `nekotune export gguf|ollama`."""
     if not model:
         raise gr.Error(t("pick a run to export", "请选择要导出的运行"))
-    out = (out or "").strip() or str(default_export_path(model, action, gguf_type))
+    try:
+        out = str(export_path(ws, out, model, action, gguf_type))
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
     started = time.time()
     try:
         if action == "merge":
@@ -421,7 +446,9 @@ def build_export_tab(ws: Workspace) -> dict:
         gguf_type = gr.Dropdown(list(GGUF_TYPES), value="q8_0", label=t("GGUF type", "GGUF 量化类型"))
         dtype = gr.Dropdown(["auto", "fp32", "bf16", "fp16"], value="auto", label=t("Merge dtype", "合并精度"))
         low_memory = gr.Checkbox(False, label=t("Low memory (shard by shard)", "低内存（逐分片）"))
-    out = gr.Textbox("", label=t("Output path (empty: inside the run)", "输出路径（留空：放在运行目录内）"))
+    root = ws.cfg.output.root
+    out = gr.Textbox("", label=t(f"Output path inside {root}/ (empty: <run>-merged, <run>-<type>.gguf, <run>-ollama)",
+                                 f"输出路径，须在 {root}/ 内（留空：<运行>-merged、<运行>-<类型>.gguf、<运行>-ollama）"))
     run = gr.Button(t("Export", "导出"), variant="primary")
     log = gr.Markdown()
     run.click(lambda *v: run_export(ws, *v), [model, action, gguf_type, dtype, low_memory, out], log)
