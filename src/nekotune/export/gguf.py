@@ -414,9 +414,8 @@ def _k_quant_available() -> bool:
 
 def export_gguf(source: Source, out: Path, type_name: str, console) -> str:
     """Write `out`; returns the type actually written (q4_k_m may fall back)."""
-    from nekotune.merge import NotStreamable, open_merged
-
     from nekotune.io import atomic_file
+    from nekotune.merge import NotStreamable, open_merged
 
     if type_name not in TYPE_NAMES:
         raise UserError(f"--type {type_name} is not one of {', '.join(TYPE_NAMES)}")
