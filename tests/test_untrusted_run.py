@@ -144,3 +144,21 @@ def test_the_users_own_trust_remote_code_runs_it_and_says_what(hostile, tmp_path
     assert marker.exists()  # the user asked for it
     warning = next(line for line in proc.stderr.splitlines() if "trust_remote_code=true" in line)
     assert "tokenization_evil.py" in warning and f"AutoTokenizer -> tokenization_evil.{EVIL_CLASS}" in warning
+
+
+def test_a_run_trained_with_a_template_file_elsewhere_still_renders_with_it(tiny_llama, qa_file, tmp_path):
+    """The template file's path is not passed on, but its text is: the adapter's tokenizer carries it."""
+    from conftest import tiny_overrides
+    from nekotune.model import load_for_inference
+    from nekotune.train import train
+
+    template = tmp_path / "elsewhere" / "custom.jinja"
+    template.parent.mkdir()
+    template.write_text("{% for m in messages %}<<{{ m.role }}>>{{ m.content }}<</{{ m.role }}>>{% endfor %}"
+                        "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    run = train(_cfg(*tiny_overrides(tiny_llama, qa_file, tmp_path / "run", **{
+        "train.max_steps": 1, "model.chat_template": str(template), "data.train_on_prompt": "true"})),
+        show_progress=False)
+    loaded = load_for_inference(_cfg(), str(run))
+    assert loaded.cfg.model.chat_template is None
+    assert loaded.renderer.template == template.read_text()
