@@ -236,7 +236,7 @@ def load_tokenizer(spec: ModelSpec, model_cfg=None):
     # only the user's own setting: effective_config never takes trust_remote_code from a run
     trust = bool(model_cfg and model_cfg.trust_remote_code)
     if trust:
-        warn_trusted([source, spec.base])
+        warn_trusted([spec.adapter, spec.base])
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
@@ -293,7 +293,7 @@ def load_model(spec: ModelSpec, model_cfg, precision: Precision, training: bool 
     if Path(spec.base).is_dir() and any(Path(spec.base).glob("*.safetensors")):
         kwargs["use_safetensors"] = True  # never unpickle weights from a local directory
     if model_cfg.trust_remote_code:
-        warn_trusted([spec.base])
+        warn_trusted([spec.adapter, spec.base])
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
     except (OSError, ValueError) as exc:

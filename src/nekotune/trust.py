@@ -105,22 +105,20 @@ def _once(key) -> bool:
 
 
 def warn_trusted(sources) -> None:
-    """The user turned trust_remote_code on: say once which code that lets run."""
-    sources = [str(s) for s in sources if s]
-    if not _once(tuple(sources)):
-        return
-    local = [s for s in sources if Path(s).is_dir()]
-    found = custom_code(local)
-    hub = [s for s in sources if not Path(s).exists()]
+    """The user turned trust_remote_code on: say which code that lets run (each folder or hub
+    repository once per process, however many times a command loads from it)."""
+    fresh = [str(s) for s in sources if s and _once(("trusted", str(Path(str(s)).expanduser())))]
+    found = custom_code([s for s in fresh if Path(s).is_dir()])
+    hub = [s for s in fresh if not Path(s).exists()]
     if found:
         log.warning("model.trust_remote_code=true: transformers will run Python code from these files: %s. "
                     "Only do this with files you trust.", " | ".join(found))
     if hub:
         log.warning("model.trust_remote_code=true: transformers will run any Python code the hub repository %s "
                     "ships (its auto_map). Only do this with repositories you trust.", ", ".join(hub))
-    if not found and not hub:
-        log.warning("model.trust_remote_code=true, but %s ship no custom code (no auto_map, no .py files); "
-                    "the setting is not needed", ", ".join(local))
+    if fresh and not found and not hub:
+        log.info("model.trust_remote_code=true, but %s ship no custom code (no auto_map, no .py files)",
+                 ", ".join(fresh))
 
 
 def needs_code_error(source: str, what: str) -> UserError:
