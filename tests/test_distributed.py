@@ -45,9 +45,9 @@ def test_two_processes_equal_one_process_with_accumulation(tiny_llama, qa_file, 
         assert abs(a - b) < 1e-4
     for key in one_w:
         assert torch.allclose(ddp_w[key], one_w[key], atol=1e-5), key
-    # one set of outputs: a single run directory, rank 0's checkpoints only
+    # one set of outputs: a single run directory, rank 0's checkpoints only, locked by rank 0 alone
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "adapter", "checkpoints", "config.yaml", "loss.png", "run.json"]
+        ".lock", "adapter", "checkpoints", "config.yaml", "loss.png", "run.json"]
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
 
 

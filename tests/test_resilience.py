@@ -179,6 +179,89 @@ def test_disk_full_during_checkpoint_names_last_good_one(tiny_llama, qa_file, tm
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), good)
 
 
+def _zip_writer_error():
+    """What torch.save's zip writer raised on a full tmpfs (torch 2.13): no errno in the text."""
+    try:
+        raise RuntimeError("basic_ios::clear: iostream error")
+    except RuntimeError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        except RuntimeError as exc:
+            return exc
+
+
+# The messages are those measured on a 256 KB tmpfs (safetensors 0.8, torch 2.13).
+FULL_DISK_WRITERS = {
+    "safetensors": ("peft.peft_model.safe_save_file",
+                    lambda: __import__("safetensors").SafetensorError(
+                        "Error while serializing: I/O error: No space left on device (os error 28)")),
+    "torch-legacy": ("torch.save", lambda: RuntimeError("write(): fd 3 failed with No space left on device")),
+    "torch-zip": ("torch.save", _zip_writer_error),
+    "torch-old-zip": ("torch.save", lambda: RuntimeError(
+        "[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing file data/0: "
+        "file write failed")),
+}
+
+
+def _fail_writes_into(monkeypatch, target: str, make_exc, where: str):
+    """Make one real writer fail the way a full disk makes it fail, for files under `where` only."""
+    import importlib
+
+    module_name, attr = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    real = getattr(module, attr)
+
+    def write(obj, path, *a, **k):
+        if where in str(path):
+            Path(path).write_bytes(b"the first blocks")  # what a full disk leaves behind
+            raise make_exc()
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(module, attr, write)
+
+
+def _nearly_full(monkeypatch, free: int):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+
+
+@pytest.mark.parametrize("writer", sorted(FULL_DISK_WRITERS))
+def test_disk_full_inside_any_checkpoint_writer_is_the_clear_error(tiny_llama, qa_file, tmp_path, monkeypatch,
+                                                                   writer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    target, make_exc = FULL_DISK_WRITERS[writer]
+    _fail_writes_into(monkeypatch, target, make_exc, "checkpoint-3")
+    _nearly_full(monkeypatch, free=1 << 20)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"disk full while saving to .*checkpoint-2"):
+        train(_cfg(*_overrides(tiny_llama, qa_file, out, **{"train.max_steps": 6})), show_progress=False)
+    assert not (out / "checkpoints" / "checkpoint-3").exists()  # the cut-off checkpoint is gone
+    monkeypatch.undo()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), last_checkpoint(out))
+
+
+def test_a_write_error_with_space_left_is_not_called_disk_full(tiny_llama, qa_file, tmp_path, monkeypatch):
+    _fail_writes_into(monkeypatch, "torch.save", _zip_writer_error, "checkpoint-2")
+    _nearly_full(monkeypatch, free=50 << 30)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        train(_cfg(*_overrides(tiny_llama, qa_file, tmp_path / "run", **{"train.max_steps": 3})),
+              show_progress=False)
+
+
+def test_disk_full_while_saving_the_adapter_is_the_clear_error(tiny_llama, qa_file, tmp_path, monkeypatch):
+    target, make_exc = FULL_DISK_WRITERS["safetensors"]
+    _fail_writes_into(monkeypatch, target, make_exc, ".adapter.")  # atomic_dir's temporary directory
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="disk full"):
+        train(_cfg(*_overrides(tiny_llama, qa_file, out, **{"train.max_steps": 2})), show_progress=False)
+    assert not (out / "adapter").exists() and not [p for p in out.iterdir() if p.name.startswith(".adapter")]
+    assert last_checkpoint(out).name == "checkpoint-2"
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_loss_guard(tiny_llama, qa_file, tmp_path, monkeypatch, policy):
     import nekotune.train as T

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nekotune.config import DEFAULT_MODEL
 from nekotune.errors import UserError
+from nekotune.trust import is_needs_code, needs_code_error, warn_trusted
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -80,11 +81,17 @@ def _read_json(path: Path) -> dict:
 
 def _run_config(run_dir: Path) -> dict:
     cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():
-        import yaml
+    if not cfg_file.is_file():
+        return {}
+    import yaml
 
-        return yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-    return {}
+    try:
+        raw = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{cfg_file}: cannot read ({str(exc).splitlines()[0]}); the file is damaged") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{cfg_file}: a config must be a mapping of sections; the file is damaged")
+    return raw
 
 
 def resolve_base(name: str) -> str:
@@ -132,8 +139,9 @@ def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: s
         base = acfg.get("base_model_name_or_path") or default_base
         run_dir = _owning_run(p)
         run_cfg = _run_config(run_dir) if run_dir else {}
-        if not Path(str(base)).exists() and run_cfg.get("model", {}).get("name_or_path"):
-            base = run_cfg["model"]["name_or_path"]
+        run_model = run_cfg.get("model") if isinstance(run_cfg.get("model"), dict) else {}
+        if not Path(str(base)).exists() and isinstance(run_model.get("name_or_path"), str):
+            base = run_model["name_or_path"]
         return ModelSpec(base=resolve_base(base), adapter=str(p), run_dir=str(run_dir) if run_dir else None,
                          run_config=run_cfg)
     if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints").is_dir():
@@ -225,11 +233,16 @@ def load_tokenizer(spec: ModelSpec, model_cfg=None):
     from transformers import AutoTokenizer
 
     source = spec.adapter if spec.adapter and _has_tokenizer(Path(spec.adapter)) else spec.base
+    # only the user's own setting: effective_config never takes trust_remote_code from a run
     trust = bool(model_cfg and model_cfg.trust_remote_code)
+    if trust:
+        warn_trusted([spec.adapter, spec.base])
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
-    except OSError as exc:
-        raise UserError(f"cannot load a tokenizer from {source} ({str(exc).splitlines()[0]})") from None
+    except (OSError, ValueError) as exc:
+        if not trust and is_needs_code(exc):
+            raise needs_code_error(source, "tokenizer") from None
+        raise UserError(f"cannot load a tokenizer from {source} ({str(exc).strip().splitlines()[0]})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model_cfg is not None and model_cfg.chat_template:
@@ -279,10 +292,14 @@ def load_model(spec: ModelSpec, model_cfg, precision: Precision, training: bool 
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     if Path(spec.base).is_dir() and any(Path(spec.base).glob("*.safetensors")):
         kwargs["use_safetensors"] = True  # never unpickle weights from a local directory
+    if model_cfg.trust_remote_code:
+        warn_trusted([spec.adapter, spec.base])
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model {spec.base} ({str(exc).splitlines()[0]})") from None
+        if not model_cfg.trust_remote_code and is_needs_code(exc):
+            raise needs_code_error(spec.base, "model") from None
+        raise UserError(f"cannot load model {spec.base} ({str(exc).strip().splitlines()[0]})") from None
     if not model_cfg.quantization:
         model.to(precision.device)
     if spec.adapter:
@@ -321,16 +338,24 @@ INHERITED_SECTIONS = ("model", "data", "generate")  # what a run's config contri
 
 def effective_config(cfg, spec: ModelSpec):
     """The run's own settings (system prompt, enable_thinking, template, sampling) under the
-    user's explicit ones, so inference renders prompts exactly as training did."""
+    user's explicit ones, so inference renders prompts exactly as training did. A run passes on
+    nothing that runs or fetches code (see trust.py): trust_remote_code, revision and
+    attn_implementation stay what the user set, and a template file must lie inside the run."""
+    import copy
+
     from nekotune.config import deep_merge, validate
+    from nekotune.trust import run_model_settings
 
     if not spec.run_config:
         return cfg
-    inherited = {k: v for k, v in spec.run_config.items() if k in INHERITED_SECTIONS}
-    inherited.get("model", {}).pop("name_or_path", None)
-    inherited.get("data", {}).pop("path", None)
-    inherited.get("data", {}).pop("val_path", None)
-    return validate(deep_merge(inherited, cfg.model_dump(exclude_unset=True)), "the run's config.yaml")
+    inherited = {k: copy.deepcopy(v) for k, v in spec.run_config.items() if k in INHERITED_SECTIONS}
+    for section in ("data", "generate"):
+        if not isinstance(inherited.get(section) or {}, dict):
+            raise UserError(f"{spec.run_dir}/config.yaml: `{section}` must be a mapping; the file is damaged")
+    inherited["model"] = run_model_settings(inherited.get("model"), spec.run_dir)
+    (inherited.get("data") or {}).pop("path", None)
+    (inherited.get("data") or {}).pop("val_path", None)
+    return validate(deep_merge(inherited, cfg.model_dump(exclude_unset=True)), f"{spec.run_dir}/config.yaml")
 
 
 @dataclass

@@ -11,14 +11,13 @@ accumulation. nekotune adds what it lacks for small machines:
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 import resource
 import signal
 import sys
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 
 from nekotune import __version__
@@ -26,6 +25,10 @@ from nekotune.config import Config
 from nekotune.data import PreparedData, Renderer, prepare
 from nekotune.errors import UserError
 from nekotune.io import atomic_dir, atomic_write_json, atomic_write_text
+# the run directory's helpers live in runs.py; these names stay importable from here
+from nekotune.runs import (COMPLETE, check_resume_compatible, claim_run_dir, is_disk_full,  # noqa: F401
+                           last_checkpoint, latest_checkpointed_run, remove_incomplete_checkpoints,
+                           resume_checkpoint, run_dir_for)
 
 LOSS_CHUNK_BYTES = 2**25  # fp32 logits per chunk: 32 MB, whatever the vocabulary size (bench: faster than 128)
 
@@ -33,93 +36,6 @@ LOSS_CHUNK_BYTES = 2**25  # fp32 logits per chunk: 32 MB, whatever the vocabular
 def loss_chunk(vocab_size: int) -> int:
     """Trained positions per vocabulary-projection chunk (170 at 49k vocab, 128 at 152k)."""
     return max(128, min(4096, LOSS_CHUNK_BYTES // (4 * vocab_size)))
-
-
-# -- run directory ---------------------------------------------------------------------------
-def _short_model_name(name: str) -> str:
-    return Path(name.rstrip("/")).name.replace(".", "-")[:40] or "model"
-
-
-def run_dir_for(cfg: Config) -> Path:
-    if cfg.output.dir:
-        return Path(cfg.output.dir)
-    root = Path(cfg.output.root)
-    if cfg.output.run_name:
-        return root / cfg.output.run_name
-    if cfg.train.resume in (True, "auto"):
-        # auto only picks up an unfinished run with the same settings; true takes the latest one
-        latest = latest_checkpointed_run(root, unfinished_only=cfg.train.resume == "auto")
-        if latest is not None and (cfg.train.resume is True or _compatible(cfg, latest)):
-            return latest
-        if cfg.train.resume is True:
-            raise UserError(f"train.resume=true but no run under {root}/ has a checkpoint; "
-                            f"set output.dir to the run to resume, or train.resume=false")
-    from nekotune.distributed import agree_on
-
-    stamp = agree_on(datetime.now().strftime("%Y%m%d-%H%M%S"))
-    return root / f"{_short_model_name(cfg.model.name_or_path)}-{stamp}"
-
-
-def latest_checkpointed_run(root: Path, unfinished_only: bool = False) -> Path | None:
-    if not root.is_dir():
-        return None
-    runs = [d for d in root.iterdir() if d.is_dir() and last_checkpoint(d) is not None
-            and not (unfinished_only and (d / "adapter").exists())]
-    return max(runs, key=lambda d: last_checkpoint(d).stat().st_mtime) if runs else None
-
-
-COMPLETE = "NEKOTUNE_COMPLETE"  # written last, atomically: a checkpoint without it was cut off mid-save
-
-
-def last_checkpoint(run: Path) -> Path | None:
-    ckpts = [d for d in (run / "checkpoints").glob("checkpoint-*")
-             if d.is_dir() and d.name.split("-")[-1].isdigit() and (d / COMPLETE).is_file()]
-    return max(ckpts, key=lambda d: int(d.name.split("-")[-1])) if ckpts else None
-
-
-def remove_incomplete_checkpoints(run: Path) -> None:
-    """A kill during a save leaves a checkpoint without its marker; it must never be resumed
-    from, and the Trainer would otherwise refuse to write over it."""
-    import shutil
-
-    for d in (run / "checkpoints").glob("checkpoint-*"):
-        if d.is_dir() and not (d / COMPLETE).is_file():
-            shutil.rmtree(d, ignore_errors=True)
-
-
-RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "data.format", "data.columns",
-                     "data.max_seq_len", "data.system_prompt", "data.val_size", "lora.r", "lora.alpha",
-                     "lora.target_modules", "lora.modules_to_save", "lora.use_dora", "lora.use_rslora",
-                     "train.batch_size", "train.grad_accum", "train.seed")
-
-
-def check_resume_compatible(cfg: Config, run: Path) -> None:
-    import yaml
-
-    saved_file = run / "config.yaml"
-    if not saved_file.is_file():
-        return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-    now = cfg.to_dict()
-    for key in RESUME_MUST_MATCH:
-        a, b = _dig(saved, key), _dig(now, key)
-        if a != b:
-            raise UserError(f"cannot resume {run}: {key} was {a!r} and is now {b!r}; use the same config "
-                            f"or start a new run (output.dir=...)")
-
-
-def _compatible(cfg: Config, run: Path) -> bool:
-    try:
-        check_resume_compatible(cfg, run)
-        return True
-    except UserError:
-        return False
-
-
-def _dig(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
 
 
 # -- loss ------------------------------------------------------------------------------------
@@ -435,28 +351,39 @@ def build_peft_model(model, cfg: Config, grad_ckpt: bool):
 # -- the recipe ------------------------------------------------------------------------------
 def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=None, callbacks=None) -> Path:
     """Fine-tune and return the run directory. `after_train(model, renderer, run)` runs on rank 0;
-    `callbacks` are extra transformers TrainerCallbacks (the web UI reads progress through one)."""
-    import torch
-    from transformers import TrainingArguments, set_seed
+    `callbacks` are extra transformers TrainerCallbacks (the web UI reads progress through one).
+    The run directory is locked for the whole call (see runs.py): a second process is refused."""
+    run, lock = claim_run_dir(cfg)
+    try:
+        return _train_in(run, cfg, show_progress, after_train, stop_flag, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclass
+class _Parts:
+    spec: object
+    tokenizer: object
+    renderer: Renderer
+    data: PreparedData
+    model: object
+    precision: object
+    grad_ckpt: bool
+    speed: dict
+
+
+def _prepare(cfg: Config, run: Path, rank0: bool) -> _Parts:
+    """Model, tokenizer and data, ready for the Trainer."""
+    from transformers import set_seed
 
     from nekotune import model as M
+    from nekotune.speed import fuse_lora_adds, use_packed_attention
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    from nekotune.distributed import is_main_process
-
-    rank0 = is_main_process()
-    run = run_dir_for(cfg)
-    if rank0:
-        remove_incomplete_checkpoints(run)
-    resume_from = _resume_checkpoint(cfg, run)
-    if resume_from:
-        check_resume_compatible(cfg, run)
     device = M.pick_device(cfg.model.device)
     M.check_quantization(cfg.model, device)
     precision = M.pick_precision(device, cfg.model.dtype, training=True)
     set_seed(cfg.train.seed)
-
     spec = M.resolve(cfg.model.name_or_path) if cfg.model.name_or_path else M.resolve(None)
     if spec.adapter:
         raise UserError(f"model.name_or_path={cfg.model.name_or_path} is an adapter; train on its base model "
@@ -466,21 +393,19 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
     data = prepare(cfg, renderer)
     if rank0:
         _print_data_summary(data, renderer, precision, run)
-
     model = M.load_model(spec, cfg.model, precision, training=True)
     grad_ckpt = wants_grad_checkpointing(cfg, device)
     model = build_peft_model(model, cfg, grad_ckpt)
-    from nekotune.speed import fuse_lora_adds, use_packed_attention
-
     speed = {"fused_lora_layers": fuse_lora_adds(model),
              "packed_attention": bool(cfg.data.packing and use_packed_attention(model))}
+    return _Parts(spec, tokenizer, renderer, data, model, precision, grad_ckpt, speed)
 
-    run.mkdir(parents=True, exist_ok=True)
-    if rank0:
-        atomic_write_text(run / "config.yaml", cfg.to_yaml())
-    stats = Stats()
-    args = _training_args(cfg, run, precision, data, grad_ckpt)
+
+def _make_trainer(cfg: Config, run: Path, parts: _Parts, stats: Stats, interrupt, show_progress: bool, callbacks):
     from torch.utils.data import Dataset
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from nekotune.data.collate import Collator
 
     class _Examples(Dataset):
         def __init__(self, items):
@@ -492,27 +417,48 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
         def __getitem__(self, i):
             return {"input_ids": self.items[i].input_ids, "labels": self.items[i].labels}
 
-    from nekotune.data.collate import Collator
-
-    trainer_cls = make_trainer_class()
-    interrupt = Interrupt()
-    if stop_flag is not None:
-        interrupt = stop_flag
+    rank0 = _is_rank0()
     callbacks = make_callbacks(stats, show_progress and rank0, interrupt) + list(callbacks or [])
     if cfg.output.tensorboard and rank0:
         callbacks.append(_tensorboard_callback(run))
-    trainer = trainer_cls(model=model, args=args, train_dataset=_Examples(data.train),
-                          eval_dataset=_Examples(data.eval) if data.eval else None,
-                          data_collator=Collator(tokenizer.pad_token_id, cfg.data.packing), callbacks=callbacks)
-    trainer.fast_loss = install_fast_loss(model)
+    data = parts.data
+    trainer = make_trainer_class()(
+        model=parts.model, args=_training_args(cfg, run, parts.precision, data, parts.grad_ckpt),
+        train_dataset=_Examples(data.train), eval_dataset=_Examples(data.eval) if data.eval else None,
+        data_collator=Collator(parts.tokenizer.pad_token_id, cfg.data.packing), callbacks=callbacks)
+    trainer.fast_loss = install_fast_loss(parts.model)
     trainer.nan_policy = cfg.train.nan_policy
     trainer.stats = stats
     trainer.model_accepts_loss_kwargs = False  # our loss is a per-micro-batch mean; Trainer divides by accumulation
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
+    return trainer
 
+
+def _is_rank0() -> bool:
+    from nekotune.distributed import is_main_process
+
+    return is_main_process()
+
+
+def _train_in(run: Path, cfg: Config, show_progress: bool, after_train, stop_flag, callbacks) -> Path:
+    import torch
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    rank0 = _is_rank0()
+    if rank0:
+        remove_incomplete_checkpoints(run)  # safe: this process holds the run's lock
+    resume_from = resume_checkpoint(cfg, run)
+    if resume_from:
+        check_resume_compatible(cfg, run)
+    parts = _prepare(cfg, run, rank0)
+    run.mkdir(parents=True, exist_ok=True)
+    if rank0:
+        atomic_write_text(run / "config.yaml", cfg.to_yaml())
+    stats = Stats()
+    interrupt = stop_flag if stop_flag is not None else Interrupt()
+    trainer = _make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks)
     try:
         with (interrupt if stop_flag is None else contextlib.nullcontext()):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -522,34 +468,36 @@ def train(cfg: Config, show_progress: bool = True, after_train=None, stop_flag=N
                         f"or set train.nan_policy=skip") from None
     except (torch.OutOfMemoryError, MemoryError):
         raise UserError(_oom_advice(cfg)) from None
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        remove_incomplete_checkpoints(run)
-        raise UserError(f"disk full while saving to {run}; free space and resume with train.resume=true "
-                        f"(last good checkpoint: {last_checkpoint(run) or 'none'})") from None
+    except Exception as exc:
+        _raise_if_disk_full(exc, run, rank0)
+        raise
 
     if interrupt.requested:
-        last = last_checkpoint(run)
-        raise TrainingInterrupted(run, last)
+        raise TrainingInterrupted(run, last_checkpoint(run))
     if rank0:
-        _save_adapter(model, tokenizer, run)
-        _write_run_json(cfg, run, data, trainer, stats, precision, grad_ckpt, spec, speed)
-        if cfg.output.plot:
-            plot_losses(trainer.state.log_history, run / "loss.png")
+        try:
+            _save_adapter(parts.model, parts.tokenizer, run)
+            _write_run_json(cfg, run, parts.data, trainer, stats, parts.precision, parts.grad_ckpt, parts.spec,
+                            parts.speed)
+            if cfg.output.plot:
+                plot_losses(trainer.state.log_history, run / "loss.png")
+        except Exception as exc:
+            _raise_if_disk_full(exc, run, rank0)
+            raise
         if after_train is not None:
-            after_train(model, renderer, run)
+            after_train(parts.model, parts.renderer, run)
     return run
 
 
-def _resume_checkpoint(cfg: Config, run: Path) -> Path | None:
-    if cfg.train.resume is False:
-        return None
-    ckpt = last_checkpoint(run)
-    if ckpt is None and cfg.train.resume is True:
-        raise UserError(f"train.resume=true but {run}/checkpoints holds no checkpoint; use train.resume=auto "
-                        f"to start fresh when there is none")
-    return ckpt
+def _raise_if_disk_full(exc: Exception, run: Path, rank0: bool) -> None:
+    """A full disk mid-checkpoint surfaces as OSError, SafetensorError or RuntimeError depending on
+    which writer hit it; each becomes the same one-line message, minus the half-written checkpoint."""
+    if not is_disk_full(exc, run):
+        return
+    if rank0:
+        remove_incomplete_checkpoints(run)
+    raise UserError(f"disk full while saving to {run}; free space and resume with train.resume=true "
+                    f"output.dir={run} (last good checkpoint: {last_checkpoint(run) or 'none'})") from None
 
 
 def wants_liger(cfg: Config, device: str) -> bool:
