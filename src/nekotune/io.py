@@ -332,6 +332,8 @@ def is_run_dir(path: str | Path) -> bool:
     path = Path(path)
     if marker_of(path) == "nekotune train":
         return True
+    if path.is_dir() and {p.name for p in path.iterdir()} <= {".lock", MARKER}:
+        return True  # a run killed before it wrote anything leaves only its lock file
     return (path / "config.yaml").is_file() and any(_exists(path / m) for m in RUN_MARKS)
 
 

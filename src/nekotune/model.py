@@ -129,6 +129,10 @@ def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: s
             return ModelSpec(base=resolve_base(default_base))
         spec = str(run)
     p = Path(spec).expanduser()
+    if p.is_dir():
+        from nekotune.io import recover_dir
+
+        recover_dir(p / "adapter")  # a crash between atomic_dir's two renames left it as .adapter.old
     if p.is_dir() and (p / "adapter" / "adapter_config.json").is_file():  # a run directory
         run_cfg = _run_config(p)
         adapter = resolve(str(p / "adapter"))

@@ -251,6 +251,10 @@ def run_dir_for(cfg) -> Path:
 def _claim(cfg) -> tuple[Path, RunLock]:
     run = chosen_run(cfg)
     if run is not None:
+        from nekotune.io import claim_run_dir as refuse_foreign_dir
+
+        # a user's own non-empty folder is never trained into (a run or an empty folder is fine)
+        refuse_foreign_dir(run, "output.dir" if cfg.output.dir else "output.run_name")
         lock = RunLock(run)
         if not lock.acquire():
             raise in_use_error(run)
