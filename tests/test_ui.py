@@ -2,6 +2,8 @@
 
 The app runs in this process on a free port with a tiny random Llama (wide initialisation, so
 answers are varied words). Screenshots are saved in each test's tmp directory (printed with -s).
+No test races the machine's speed: streaming is checked by what the server sent, and training
+is held at chosen steps (a gate in its callback) while the page is looked at.
 Install what it needs with:
     apt-get install -y chromium chromium-driver fonts-wqy-zenhei   (the font only draws the Chinese labels)
     .venv/bin/pip install gradio selenium
@@ -9,8 +11,10 @@ Install what it needs with:
 
 from __future__ import annotations
 
+import copy
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +28,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,1200"]
-CHAT_TOKENS = 160  # long enough (a second or two) for the page to show the answer growing
+CHAT_TOKENS = 160  # an answer of many pieces
 INSTALL_HINT = "apt-get install -y chromium chromium-driver && .venv/bin/pip install gradio selenium"
 
 
@@ -152,25 +156,94 @@ def reference_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return generate(loaded.model, loaded.renderer, Conversation(turns=[Turn("user", prompt)]), settings)
 
 
+# -- what the server does, seen from inside --------------------------------------------------
+@pytest.fixture
+def chat_updates(monkeypatch):
+    """Every update the Chat event streams to the page (each yield of chat_reply is one message)."""
+    import nekotune.ui.app as ui_app
+
+    record = {"updates": [], "done": threading.Event()}
+    original = ui_app.chat_reply
+
+    def recording(*args, **kwargs):
+        for update in original(*args, **kwargs):
+            record["updates"].append(copy.deepcopy(update))
+            yield update
+        record["done"].set()
+
+    monkeypatch.setattr(ui_app, "chat_reply", recording)  # looked up by the page's handler at each call
+    return record
+
+
+class TrainingGate:
+    """Holds a training right after chosen steps until the test lets it go on."""
+
+    def __init__(self, steps):
+        self.held = {step: threading.Event() for step in steps}
+        self.go = {step: threading.Event() for step in steps}
+
+    def wait_held(self, step: int) -> None:
+        wait_until(self.held[step].is_set, 300, f"training to reach step {step}")
+
+    def release(self, step: int) -> None:
+        self.go[step].set()
+
+    def release_all(self) -> None:
+        for event in self.go.values():
+            event.set()
+
+
+@pytest.fixture
+def training_gate(monkeypatch):
+    from nekotune.ui.app import TrainingJob
+
+    gates = []
+    original = TrainingJob._callback
+
+    def gated(job):
+        progress = original(job)
+        gate = gates[-1]
+
+        class Gated(type(progress)):
+            def on_step_end(self, args, state, control, **kw):
+                super().on_step_end(args, state, control, **kw)  # the page's state shows this step first
+                if state.global_step in gate.held:
+                    gate.held[state.global_step].set()
+                    gate.go[state.global_step].wait(300)
+
+        return Gated()
+
+    monkeypatch.setattr(TrainingJob, "_callback", gated)
+
+    def make(*steps) -> TrainingGate:
+        gates.append(TrainingGate(steps))
+        return gates[-1]
+
+    yield make
+    for gate in gates:
+        gate.release_all()
+
+
+def _words(text: str) -> str:
+    return re.sub(r"\W+", "", text)  # markdown may draw punctuation differently; letters stay
+
+
 # -- tests -----------------------------------------------------------------------------------
-def test_chat_streams_the_reply(browser, ui, tmp_path):
+def test_chat_streams_the_reply(browser, ui, tmp_path, chat_updates):
     open_tab(browser, ui["url"], "Chat")
     type_into(browser, "#chat-input textarea", "Hello there, who are you?", enter=True)
-    seen: list[str] = []
-
-    def finished() -> bool:
-        text = text_of(browser, "#chatbot [data-testid=bot]")
-        if text and (not seen or text != seen[-1]):
-            seen.append(text)
-        return bool(seen) and _idle(browser)
-
-    wait_until(finished, 120, "the chat answer")
-    time.sleep(0.5)
-    final = text_of(browser, "#chatbot [data-testid=bot]")
+    wait_until(chat_updates["done"].is_set, 120, "the answer to be generated")
+    answers = [shown[-1]["content"] for shown, _ in chat_updates["updates"]
+               if shown and shown[-1]["role"] == "assistant"]
+    final = answers[-1]
     assert final.strip(), "the bot answered nothing"
+    # Streamed: the server sent the answer in several growing pieces, each extending the last.
+    assert len({len(a) for a in answers}) >= 3, answers
+    assert all(final.startswith(a) for a in answers)
+    # The page shows the whole answer once the stream has ended.
+    wait_until(lambda: _idle(browser) and _words(text_of(browser, "#chatbot [data-testid=bot]")) == _words(final),
+               60, "the whole answer on the page")
     assert text_of(browser, "#chatbot [data-testid=user]") == "Hello there, who are you?"
-    # The answer arrived piece by piece: the page showed it at several lengths on the way.
-    assert len({len(s) for s in seen}) >= 3, seen
     screenshot(browser, tmp_path / "ui-chat.png")
 
 
@@ -181,26 +254,23 @@ def _idle(driver) -> bool:
         "'#chatbot [data-testid=status-tracker]')).every(e => e.classList.contains('hide'))")
 
 
-def test_training_shows_progress_and_loss_curve(browser, ui, qa_file, tmp_path):
+def test_training_shows_progress_and_loss_curve(browser, ui, qa_file, tmp_path, training_gate):
+    gate = training_gate(3, 6)
     open_tab(browser, ui["url"], "Train")
     type_into(browser, "#train-model textarea", ui["model"])
     type_into(browser, "#train-data textarea", qa_file)
-    # enough steps to outlast several of the page's 1-second polls even on a fast CPU (bf16: ~15 steps/s)
-    for field, value in (("max-steps", 200), ("lr", 0.005), ("r", 4), ("seq", 128), ("batch", 4)):
+    for field, value in (("max-steps", 20), ("lr", 0.005), ("r", 4), ("seq", 128), ("batch", 4)):
         type_into(browser, f"#train-{field} input", value)
     click(browser, "#train-start")
-    statuses: list[str] = []
-
-    def done() -> bool:
-        status = text_of(browser, "#train-status")
-        if not statuses or status != statuses[-1]:
-            statuses.append(status)
-        return any(word in status for word in ("finished", "error", "stopped"))
-
-    wait_until(done, 300, "training to finish", every=0.1)
-    assert "finished" in statuses[-1] and "200/200" in statuses[-1], statuses
-    steps_seen = {m.group(1) for s in statuses if "running" in s and (m := re.search(r"(\d+)/200\b", s))}
-    assert len(steps_seen) >= 2, f"progress did not update while training: {statuses}"
+    # Held at steps 3 and 6, the page must show each while the training runs: progress updates live.
+    for step in (3, 6):
+        gate.wait_held(step)
+        wait_until(lambda: re.search(rf"running.*\b{step}/20\b", text_of(browser, "#train-status"), re.S), 60,
+                   f"the page to show step {step} of a running training")
+        gate.release(step)
+    status = wait_until(lambda: (lambda s: s if any(w in s for w in ("finished", "error", "stopped")) else None)(
+        text_of(browser, "#train-status")), 300, "training to finish", every=0.1)
+    assert "finished" in status and "20/20" in status, status
     # The loss curve: one point per logged step, drawn by the plot as a line.
     wait_until(lambda: browser.execute_script(
         "return document.querySelectorAll('#loss-plot svg path').length > 2 && "
@@ -241,16 +311,19 @@ def test_compare_puts_models_side_by_side(browser, ui, tmp_path):
     screenshot(browser, tmp_path / "ui-compare.png")
 
 
-def test_stop_button_stops_training(browser, ui, qa_file):
+def test_stop_button_stops_training(browser, ui, qa_file, training_gate):
+    gate = training_gate(2)
     open_tab(browser, ui["url"], "Train")
     type_into(browser, "#train-model textarea", ui["model"])
     type_into(browser, "#train-data textarea", qa_file)
     type_into(browser, "#train-max-steps input", 5000)
     type_into(browser, "#train-lr input", 0.005)
     click(browser, "#train-start")
-    wait_until(lambda: "running" in text_of(browser, "#train-status") and "loss" in text_of(browser, "#train-status"),
-               120, "training to start")
+    gate.wait_held(2)  # held mid-run, so Stop is pressed while it trains, however fast the machine
+    wait_until(lambda: "running" in text_of(browser, "#train-status"), 60, "the page to show the training running")
     click(browser, "#train-stop")
+    wait_until(lambda: ui["app"].workspace.job.flag.requested, 60, "the stop request to reach the training")
+    gate.release(2)
     status = wait_until(lambda: (lambda s: s if "stopped" in s or "finished" in s else None)(
         text_of(browser, "#train-status")), 120, "training to stop")
     assert "stopped" in status and "checkpoint" in status and "/5000" in status

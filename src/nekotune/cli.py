@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -176,6 +177,20 @@ def _model(p: argparse.ArgumentParser, help_text: str = "run dir, adapter dir, H
     p.add_argument("--model", "-m", default=None, help=help_text)
 
 
+def _listen(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to NAME (Host header), e.g. mybox.lan; repeatable")
+
+
+def _byte_size(text: str) -> int:
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)(?:I?B)?", text.strip().upper())
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 8MB, 500KB or 1048576")
+    return int(float(found.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[found.group(2)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nekotune", description="LoRA/QLoRA fine-tuning: data -> train -> chat, "
                                      "serve and GGUF. Every command takes [config.yaml] [key=value ...].")
@@ -273,19 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL")
     _model(p)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None)
+    _listen(p, 8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY'; other users see it in ps: prefer NEKOTUNE_API_KEY")
     p.add_argument("--max-concurrency", type=int, default=4)
     p.add_argument("--max-tokens-cap", type=int, default=1024)
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get 429 with Retry-After (default 64)")
+    p.add_argument("--max-body", type=_byte_size, default="8MB",
+                   help="largest request body, e.g. 8MB or 500KB; larger ones get 413 (default 8MB)")
     p.add_argument("--cors", default=None, help="comma-separated allowed origins (off by default)")
     _rest(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="web UI (Gradio)")
     _model(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    _listen(p, 7860)
+    p.add_argument("--auth", default=None, metavar="USER:PASS",
+                   help="require a login; other users see it in ps: prefer NEKOTUNE_UI_AUTH=USER:PASS")
     _rest(p)
     p.set_defaults(func=cmd_ui)
 

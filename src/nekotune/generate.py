@@ -46,23 +46,65 @@ class GenSettings:
         return self
 
 
+# Below this a temperature samples like greedy decoding anyway, and dividing float32 logits by
+# it (1e-300 is 0.0 in float32) gives inf/NaN probabilities that torch.multinomial refuses.
+MIN_TEMPERATURE = 1e-4
+
+
+class SeededSampler:
+    """Draws the next token with this generation's own torch.Generator.
+
+    transformers samples with torch.multinomial on torch's global RNG and takes no generator,
+    so a seed set with torch.manual_seed would be shared by every generation running at once
+    (the server runs several in threads): each would shift the others' draws. With a seed,
+    generation runs greedy, this processor comes last (after temperature, top-k and top-p) and
+    leaves only the token it drew, so the greedy pick is that draw.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.generator is None:  # created on the scores' device, where the draw happens
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probs = torch.softmax(scores.float(), dim=-1)
+        drawn = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, drawn, 0.0)
+
+
+def _sampling_processors(settings: GenSettings):
+    """transformers' own warpers, in its order, then the seeded draw."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if settings.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.top_k:
+        warpers.append(TopKLogitsWarper(top_k=settings.top_k))
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=settings.top_p))
+    warpers.append(SeededSampler(settings.seed))
+    return warpers
+
+
 def _generate_kwargs(settings: GenSettings, renderer: Renderer) -> dict:
+    """model.generate arguments; call once per generate() (a seeded sampler holds its RNG state)."""
     tok = renderer.tokenizer
     kwargs = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": renderer.stop_token_ids or None,
               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
               "repetition_penalty": settings.repetition_penalty}
-    if settings.temperature > 0:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if settings.temperature < MIN_TEMPERATURE:
+        kwargs.update(greedy)
+    elif settings.seed is not None:
+        kwargs.update(greedy, logits_processor=_sampling_processors(settings))
     else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     return kwargs
-
-
-def _seed(settings: GenSettings) -> None:
-    if settings.seed is not None:
-        import torch
-
-        torch.manual_seed(settings.seed)
 
 
 def _device(model):
@@ -106,7 +148,6 @@ def stream(model, renderer: Renderer, conv: Conversation, settings: GenSettings,
 
     def run():
         try:
-            _seed(settings)
             with torch.no_grad(), autocast_for(model):
                 model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
                                stopping_criteria=StoppingCriteriaList([flag]), **kwargs)
@@ -144,12 +185,11 @@ def generate_batch(model, renderer: Renderer, convs: list[Conversation], setting
     # Sorting by length keeps padding small; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    kwargs = _generate_kwargs(settings, renderer)
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         batch = pad_batch([{"input_ids": prompts[i], "labels": prompts[i]} for i in chunk], pad_id, side="left")
         device = _device(model)
-        _seed(settings)
+        kwargs = _generate_kwargs(settings, renderer)  # a fresh seeded RNG per batch, as each batch was seeded
         with torch.no_grad(), autocast_for(model):
             out = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device), **kwargs)

@@ -1,19 +1,23 @@
 """OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions, /health.
 
 FastAPI does the HTTP; nekotune.generate.stream makes the tokens, from prompts rendered by the
-same Renderer as training. torch generation blocks, so each answer is produced in a worker
-thread and handed to the event loop piece by piece. A semaphore bounds how many generations
-run at once: the others wait in line and none is dropped. A client that goes away sets its
-generation's stop event, which ends it within one token and frees the slot.
+same Renderer as training. The event loop only moves bytes: checking and tokenizing a prompt
+runs in a thread, and each answer is generated, cut at its stop strings and counted in a worker
+thread that hands the loop finished text piece by piece. A semaphore bounds how many
+generations run at once and the line behind it is bounded too (429 when full). A client that
+goes away sets its generation's stop event, which ends it within one token and frees the slot.
+
+Before any route runs, guard.HostGuard refuses foreign `Host` and `Origin` headers (403) and
+FastAPI's body limit refuses bodies over --max-body (413); serve/limits.py bounds every field.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import json
+import logging
 import os
 import socket
 import sys
@@ -21,195 +25,62 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Optional, Union
 
-from fastapi import Request  # module level: FastAPI resolves route annotations from module globals
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Depends, Request  # module level: FastAPI resolves route annotations from module globals
 
 from nekotune.data.formats import Conversation, Turn
 from nekotune.errors import UserError
 from nekotune.generate import GenSettings, stream
+from nekotune.serve.limits import (ChatRequest, CompletionRequest, DeclaredLength, OpenAIError, StopScanner,
+                                   bad_request, check_chat, check_common, check_completion, check_prompt_chars,
+                                   to_conversation)
 from nekotune.serve.pool import Entry, ModelPool, load_pool, parse_adapter_args
 
-MAX_STOP_STRINGS = 4
-MAX_PROMPTS = 16  # /v1/completions with a list of prompts
+log = logging.getLogger("nekotune.serve")
+
 DISCONNECT_POLL_S = 0.25
-
-
-# -- errors in OpenAI's shape ----------------------------------------------------------------
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, param=param, code=code)
-
-
-# -- request bodies --------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, metadata ...)
-
-
-class ContentPart(_Body):
-    type: str
-    text: Optional[str] = None
-
-
-class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ContentPart], None] = None
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)  # nekotune extension (extra_body)
-    repetition_penalty: Optional[float] = Field(None, gt=0)  # nekotune extension (extra_body)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)  # accepted for compatibility, not applied
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)  # accepted for compatibility, not applied
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    n: int = 1
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message]
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = None
-    tools: Optional[list] = None
-    response_format: Optional[dict] = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
-    echo: Optional[bool] = None
-    logprobs: Optional[int] = None
-    suffix: Optional[str] = None
-    best_of: Optional[int] = None
-
-
-def _check_common(req: _Sampling) -> list[str]:
-    """Refuse what nekotune cannot honour rather than silently ignoring it; returns the stop strings."""
-    if req.n != 1:
-        raise bad_request("n: only one choice per request is supported (n=1)", "n")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > MAX_STOP_STRINGS:
-        raise bad_request(f"stop: at most {MAX_STOP_STRINGS} stop sequences", "stop")
-    return [s for s in stops if s]
-
-
-def _check_chat(req: ChatRequest) -> None:
-    if req.logprobs:
-        raise bad_request("logprobs are not supported", "logprobs")
-    if req.tools:
-        raise bad_request("tools / function calling is not supported", "tools")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("response_format: only {'type': 'text'} is supported", "response_format")
-
-
-def _check_completion(req: CompletionRequest) -> list[str]:
-    unsupported = {"echo": req.echo, "logprobs": req.logprobs, "suffix": req.suffix,
-                   "best_of": req.best_of not in (None, 1)}
-    for field, used in unsupported.items():
-        if used:
-            raise bad_request(f"{field} is not supported", field)
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-    if not prompts or len(prompts) > MAX_PROMPTS:
-        raise bad_request(f"prompt: give a string or a list of 1 to {MAX_PROMPTS} strings", "prompt")
-    if req.stream and len(prompts) > 1:
-        raise bad_request("prompt: streaming takes a single prompt", "prompt")
-    return prompts
-
-
-def _text_of(content, index: int) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.type != "text":
-            raise bad_request(f"messages[{index}].content: only text parts are supported, got {part.type!r}",
-                              f"messages[{index}].content")
-        parts.append(part.text or "")
-    return "".join(parts)
-
-
-def to_conversation(messages: list[Message]) -> Conversation:
-    """OpenAI messages -> nekotune's Conversation (system messages become its system prompt)."""
-    systems, turns = [], []
-    for i, msg in enumerate(messages):
-        text = _text_of(msg.content, i)
-        if msg.role in ("system", "developer"):
-            systems.append(text)
-        else:
-            turns.append(Turn(msg.role, text))
-    if not turns or turns[-1].role != "user":
-        raise bad_request("messages: the conversation must end with a user message", "messages")
-    return Conversation(turns=turns, system="\n\n".join(systems) if systems else None)
+DEFAULT_MAX_BODY = 8 * 2**20
+DEFAULT_MAX_QUEUE = 64
+RETRY_AFTER_S = 1
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 # -- generation ------------------------------------------------------------------------------
-class StopScanner:
-    """Cuts an answer at the first stop string, holding back text that may be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.pending = ""
-            return text[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        rest, self.pending = self.pending, ""
-        return rest
-
-
 _END = object()
 
 
 class Server:
-    """Shared state of one running API: the models, the slots and the counters /health shows."""
+    """Shared state of one running API: the models, the slots, the line and the counters /health shows."""
 
-    def __init__(self, pool: ModelPool, max_concurrency: int, max_tokens_cap: int):
+    def __init__(self, pool: ModelPool, max_concurrency: int, max_tokens_cap: int,
+                 max_queue: int = DEFAULT_MAX_QUEUE):
         self.pool = pool
         self.max_concurrency = max_concurrency
         self.max_tokens_cap = max_tokens_cap
+        self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrency)
         self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="nekotune-generate")
+        self.admitted = 0  # requests let in and not yet answered: generating or in line
         self.active = self.waiting = self.cancelled = self.completed = 0
 
-    def _produce(self, entry: Entry, conv: Conversation, settings: GenSettings, stop: threading.Event, put) -> None:
-        """Worker thread: generate and hand each piece to the event loop."""
+    def admit(self) -> None:
+        if self.admitted >= self.max_concurrency + self.max_queue:
+            raise OpenAIError(429, f"the server is busy ({self.max_concurrency} answers generating and "
+                                   f"{self.max_queue} in line); retry in a moment", type="requests",
+                              code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.admitted += 1
+
+    def _produce(self, gen: "Generation", put) -> None:
+        """Worker thread: generate and hand each finished piece to the event loop."""
         try:
-            with self.pool.lease(entry):
-                if not stop.is_set():
-                    for piece in stream(self.pool.model, entry.renderer, conv, settings, stop=stop):
-                        put(piece)
+            with self.pool.lease(gen.entry):
+                if not gen.stop.is_set():
+                    gen.produce(put)
             put(_END)
         except BaseException as exc:  # re-raised in the request's task
             put(exc)
 
-    async def pieces(self, entry: Entry, conv: Conversation, settings: GenSettings, stop: threading.Event):
+    async def pieces(self, gen: "Generation"):
         """The answer's text pieces, generated in a slot once one is free."""
         import anyio
 
@@ -226,14 +97,14 @@ class Server:
         finally:
             self.waiting -= 1
         self.active += 1
-        job = loop.run_in_executor(self.executor, self._produce, entry, conv, settings, stop, put)
+        job = loop.run_in_executor(self.executor, self._produce, gen, put)
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()
+            gen.stop.set()
             # Keep the slot until the worker has really stopped (within one token), even when
             # this task is being cancelled because the client left.
             with anyio.CancelScope(shield=True):
@@ -253,34 +124,39 @@ class Generation:
         self.stop = threading.Event()
         self.parts: list[str] = []
         self.hit_stop_string = False
+        self.completion_tokens = 0
 
-    def _visible(self, text: str) -> str:
-        return text.lstrip() if not self.parts else text
-
-    async def deltas(self):
+    def produce(self, put) -> None:
+        """Worker thread: the CPU work of an answer (generating, scanning for stops, counting) stays here."""
         scanner = StopScanner(self.stops)
-        async with contextlib.aclosing(self.server.pieces(self.entry, self.conv, self.settings, self.stop)) as pieces:
-            async for piece in pieces:
+        pieces = stream(self.server.pool.model, self.entry.renderer, self.conv, self.settings, stop=self.stop)
+        with contextlib.closing(pieces):
+            for piece in pieces:
                 out, self.hit_stop_string = scanner.feed(piece)
-                if out := self._visible(out):
-                    self.parts.append(out)
-                    yield out
+                self._emit(out, put)
                 if self.hit_stop_string:
                     break
-        if not self.hit_stop_string and (rest := self._visible(scanner.flush())):
-            self.parts.append(rest)
-            yield rest
+            else:
+                self._emit(scanner.flush(), put)
+        # generate.stream yields text, not ids, so the answer is re-encoded to count it;
+        # re-encoding can merge or split differently, hence the clamp.
+        self.completion_tokens = min(self.server.pool.count_tokens(self.text), self.settings.max_new_tokens)
+
+    def _emit(self, text: str, put) -> None:
+        text = text.lstrip() if not self.parts else text
+        if text:
+            self.parts.append(text)
+            put(text)
+
+    async def deltas(self):
+        async with contextlib.aclosing(self.server.pieces(self)) as pieces:
+            async for piece in pieces:
+                yield piece
         self.server.completed += 1
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
-
-    @functools.cached_property
-    def completion_tokens(self) -> int:
-        """Read once the answer is complete. generate.stream yields text, not ids, so the answer is
-        re-encoded to count it; re-encoding can merge or split differently, hence the clamp."""
-        return min(self.server.pool.count_tokens(self.text), self.settings.max_new_tokens)
 
     @property
     def finish_reason(self) -> str:
@@ -314,17 +190,18 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def prepare(server: Server, req: _Sampling, conv: Conversation, stops: list[str]) -> Generation:
-    """Everything that can be refused is checked here, before a slot is taken."""
+def prepare(server: Server, req, conv: Conversation, stops: list[str]) -> Generation:
+    """Everything that can be refused is checked here, in a thread, before a slot is taken."""
     entry = server.pool.get(req.model)
     if entry is None:
         raise OpenAIError(404, f"model {req.model!r} does not exist; GET /v1/models lists "
                                f"{', '.join(server.pool.names)}", param="model", code="model_not_found")
+    context = server.pool.context_length
+    check_prompt_chars(conv, context)
     try:
         prompt_tokens = len(entry.renderer.prompt_ids(conv))
     except UserError as exc:
         raise bad_request(str(exc), "messages") from None
-    context = server.pool.context_length
     if prompt_tokens >= context:
         raise bad_request(f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens. "
                           f"Shorten the messages", "messages", "context_length_exceeded")
@@ -340,6 +217,44 @@ def prepare(server: Server, req: _Sampling, conv: Conversation, stops: list[str]
     except UserError as exc:
         raise bad_request(str(exc)) from None
     return Generation(server, entry, conv, settings, stops, prompt_tokens)
+
+
+def _prepare_chat(server: Server, req: ChatRequest) -> Generation:
+    stops = check_common(req)
+    check_chat(req)
+    return prepare(server, req, to_conversation(req.messages), stops)
+
+
+def _prepare_completions(server: Server, req: CompletionRequest) -> list[Generation]:
+    stops = check_common(req)
+    # nekotune models are chat models: a prompt is answered as one user message, rendered with
+    # the same chat template and system prompt as in training.
+    return [prepare(server, req, Conversation(turns=[Turn("user", p)]), stops) for p in check_completion(req)]
+
+
+class Admission:
+    """A request's place among the admitted; given back once its response is over."""
+
+    def __init__(self, server: Server):
+        self.server, self.held = server, False
+
+    def enter(self) -> None:
+        self.server.admit()
+        self.held = True
+
+
+def _admission(server: Server):
+    # FastAPI runs a yield dependency's exit after the response has been sent, also for a
+    # stream that ended early or never started, so a place is never lost.
+    async def admission():
+        ticket = Admission(server)
+        try:
+            yield ticket
+        finally:
+            if ticket.held:
+                server.admitted -= 1
+
+    return admission
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -368,8 +283,10 @@ async def _event_stream(server: Server, gen: Generation, chunk, first: dict | No
                 yield _sse(chunk(delta))
         except UserError as exc:
             yield _sse(OpenAIError(400, str(exc)).body())
-        except Exception as exc:  # headers are sent: the error has to travel as an event
-            yield _sse(OpenAIError(500, f"generation failed: {exc}", type="server_error").body())
+        except Exception:  # headers are sent: the error has to travel as an event
+            log.exception("generation failed")
+            yield _sse(OpenAIError(500, "generation failed; the server's log has the details",
+                                   type="server_error").body())
         else:
             yield _sse(chunk(None, gen.finish_reason))
             if include_usage:
@@ -388,10 +305,11 @@ def _streaming_response(body):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def chat_completions(server: Server, req: ChatRequest, request):
-    stops = _check_common(req)
-    _check_chat(req)
-    gen = prepare(server, req, to_conversation(req.messages), stops)
+async def chat_completions(server: Server, req: ChatRequest, request, admission: Admission):
+    import anyio
+
+    gen = await anyio.to_thread.run_sync(_prepare_chat, server, req)
+    admission.enter()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         def chunk(delta, finish=None):
@@ -408,12 +326,11 @@ async def chat_completions(server: Server, req: ChatRequest, request):
             "usage": gen.usage()}
 
 
-async def completions(server: Server, req: CompletionRequest, request):
-    stops = _check_common(req)
-    prompts = _check_completion(req)
-    # nekotune models are chat models: a prompt is answered as one user message, rendered with
-    # the same chat template and system prompt as in training.
-    gens = [prepare(server, req, Conversation(turns=[Turn("user", p)]), stops) for p in prompts]
+async def completions(server: Server, req: CompletionRequest, request, admission: Admission):
+    import anyio
+
+    gens = await anyio.to_thread.run_sync(_prepare_completions, server, req)
+    admission.enter()
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         def chunk(text, finish=None):
@@ -441,34 +358,49 @@ def model_card(name: str) -> dict:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def _install_error_handlers(app) -> None:
+def _error_response(err: OpenAIError):
+    from fastapi.responses import Response
+
+    # ASCII JSON: an error message may quote a client's text, which must never fail to encode.
+    return Response(json.dumps(err.body()), status_code=err.status, media_type="application/json",
+                    headers=err.headers)
+
+
+def _install_error_handlers(app, max_body: int) -> None:
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, exc: OpenAIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # Of several errors (one per member of a union), the deepest says most about what is wrong.
+        err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
         if err.get("type") == "json_invalid":
-            return JSONResponse(bad_request("the request body is not valid JSON").body(), status_code=400)
-        param = ".".join(loc) or None
+            return _error_response(bad_request("the request body is not valid JSON"))
+        # Union members show up in the location as tags like "list[...]": not a field name.
+        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p)) or None
         message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return JSONResponse(bad_request(message, param).body(), status_code=400)
+        return _error_response(bad_request(message, param))
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail), code=code).body(),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            message = f"the request body is over this server's limit of {max_body} bytes (--max-body)"
+        return _error_response(OpenAIError(exc.status_code, message, code=code,
+                                           headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):
-        return JSONResponse(OpenAIError(500, f"internal error: {exc}", type="server_error").body(), status_code=500)
+        # The details stay in the server's log: an exception's text can hold paths and internals.
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        return _error_response(OpenAIError(500, f"internal error (reference {ref} in the server's log)",
+                                           type="server_error"))
 
 
 def _key_checker(api_key: str | None):
@@ -486,27 +418,42 @@ def _key_checker(api_key: str | None):
 
 
 def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int = 4, max_tokens_cap: int = 1024,
-               cors_origins: list[str] | None = None):
-    """The FastAPI app for a loaded ModelPool (tests build one directly; `nekotune serve` runs it)."""
-    from fastapi import APIRouter, Depends, FastAPI
+               cors_origins: list[str] | None = None, host: str = "127.0.0.1", allow_hosts: list[str] | None = None,
+               max_body: int = DEFAULT_MAX_BODY, max_queue: int = DEFAULT_MAX_QUEUE):
+    """The FastAPI app for a loaded ModelPool (tests build one directly; `nekotune serve` runs it).
 
-    if max_concurrency < 1 or max_tokens_cap < 1:
-        raise UserError("--max-concurrency and --max-tokens-cap must be at least 1")
-    server = Server(pool, max_concurrency, max_tokens_cap)
+    `host` is the address it will be served on: the Host check answers that name (and the
+    loopback names when it is loopback), plus `allow_hosts`."""
+    from fastapi import APIRouter, FastAPI
+
+    from nekotune.serve.guard import HostGuard, host_policy
+
+    if max_concurrency < 1 or max_tokens_cap < 1 or max_body < 1 or max_queue < 0:
+        raise UserError("--max-concurrency, --max-tokens-cap and --max-body must be at least 1, "
+                        "--max-queue at least 0")
+    policy = host_policy(host, allow_hosts or [], cors_origins or [])
+    server = Server(pool, max_concurrency, max_tokens_cap, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         server.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="nekotune", lifespan=lifespan)
+    # With a key, the schema and the docs pages would describe the API to anyone without one.
+    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    app = FastAPI(title="nekotune", lifespan=lifespan, **docs)
     app.state.server = server
-    _install_error_handlers(app)
+    _install_error_handlers(app, max_body)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))])
+    app.add_middleware(DeclaredLength, max_body=max_body)
+    app.add_middleware(HostGuard, policy=policy)  # added last: runs first
+    # FastAPI counts the body as it arrives (chunked bodies too); on the router, inside
+    # DeclaredLength, so every 413 is answered in OpenAI's shape.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))], max_body_size=max_body)
+    place_in_line = Depends(_admission(server), scope="request")
 
     @v1.get("/models")
     async def list_models():
@@ -519,12 +466,12 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int
         return model_card(pool.get(name).name)
 
     @v1.post("/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
-        return await chat_completions(server, req, request)
+    async def chat(req: ChatRequest, request: Request, place: Admission = place_in_line):
+        return await chat_completions(server, req, request, place)
 
     @v1.post("/completions")
-    async def complete(req: CompletionRequest, request: Request):
-        return await completions(server, req, request)
+    async def complete(req: CompletionRequest, request: Request, place: Admission = place_in_line):
+        return await completions(server, req, request, place)
 
     app.include_router(v1)
 
@@ -532,7 +479,8 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int
     async def health():
         # No model names here: /health answers without the API key.
         return {"status": "ok", "active": server.active, "waiting": server.waiting, "completed": server.completed,
-                "cancelled": server.cancelled, "max_concurrency": server.max_concurrency}
+                "cancelled": server.cancelled, "max_concurrency": server.max_concurrency,
+                "max_queue": server.max_queue}
 
     return app
 
@@ -560,18 +508,26 @@ def _model_arg(args) -> str | None:
 def serve_command(cfg, args) -> int:
     import uvicorn
 
+    from nekotune.serve.guard import host_policy
+
     api_key = args.api_key or os.environ.get("NEKOTUNE_API_KEY") or None
     cors = [o.strip() for o in (args.cors or "").split(",") if o.strip()] or None
     adapters = parse_adapter_args(args.adapter)
-    if args.max_concurrency < 1 or args.max_tokens_cap < 1:
-        raise UserError("--max-concurrency and --max-tokens-cap must be at least 1")
+    if args.max_concurrency < 1 or args.max_tokens_cap < 1 or args.max_body < 1 or args.max_queue < 0:
+        raise UserError("--max-concurrency, --max-tokens-cap and --max-body must be at least 1, "
+                        "--max-queue at least 0")
+    host_policy(args.host, args.allow_host, cors or [])  # a bad --allow-host is refused before loading
     _check_port_free(args.host, args.port)
     pool = load_pool(cfg, _model_arg(args), adapters)
     app = create_app(pool, api_key=api_key, max_concurrency=args.max_concurrency,
-                     max_tokens_cap=args.max_tokens_cap, cors_origins=cors)
-    if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+                     max_tokens_cap=args.max_tokens_cap, cors_origins=cors, host=args.host,
+                     allow_hosts=args.allow_host, max_body=args.max_body, max_queue=args.max_queue)
+    if args.api_key:
+        print("nekotune serve: note: --api-key is visible to every user of this machine (ps, shell history); "
+              "set NEKOTUNE_API_KEY instead", file=sys.stderr)
+    if not api_key and args.host not in LOOPBACK:
         print(f"nekotune serve: warning: listening on {args.host} without an API key; anyone who can reach "
-              f"this port can use it (set --api-key or NEKOTUNE_API_KEY)", file=sys.stderr)
+              f"this port can use it (set NEKOTUNE_API_KEY)", file=sys.stderr)
     print(f"nekotune serve: models {', '.join(pool.names)} (context {pool.context_length} tokens)\n"
           f"  OpenAI base URL: http://{args.host}:{args.port}/v1"
           f"{'  (API key required)' if api_key else ''}", flush=True)

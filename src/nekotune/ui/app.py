@@ -485,18 +485,58 @@ def theme():
                           font_mono=["ui-monospace", "monospace"])
 
 
-def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    return app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block, share=False,
-                              inbrowser=False, quiet=not block, theme=theme(), css=CSS, footer_links=[])
+def private_events(app) -> None:
+    """No event of this page is a public API endpoint.
+
+    The page itself calls its events through Gradio's queue; marked private, they are left out
+    of /gradio_api/info and the "Use via API" page, and gradio_client will not call them. Done
+    here for every event at once, so one added later (train, export, upload: they start work and
+    write files) cannot be forgotten. The real guard is the Host/Origin check and --auth.
+    """
+    for fn in app.fns.values():
+        fn.api_visibility = "private"
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """`--auth USER:PASS` (or NEKOTUNE_UI_AUTH) -> Gradio's (user, password)."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth / NEKOTUNE_UI_AUTH: write USER:PASS, e.g. NEKOTUNE_UI_AUTH=neko:a-long-password")
+    return user, password
+
+
+def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True, allow_hosts=(), auth=None):
+    from starlette.middleware import Middleware
+
+    from nekotune.serve.guard import HostGuard, host_policy
+
+    private_events(app)
+    # Gradio's own FastAPI app takes the Host/Origin guard as its outermost user middleware.
+    # No SSR (a Node server in front would not be guarded), no MCP server, no share link; the
+    # REST routes that skip the queue are closed (api_open=False).
+    guard = Middleware(HostGuard, policy=host_policy(host, allow_hosts))
+    return app.queue(api_open=False).launch(
+        server_name=host, server_port=port, prevent_thread_lock=not block, share=False, inbrowser=False,
+        quiet=not block, theme=theme(), css=CSS, footer_links=[], auth=auth, ssr_mode=False, mcp_server=False,
+        strict_cors=True, app_kwargs={"middleware": [guard]})
 
 
 def ui_command(cfg, args) -> int:
     if gr is None:
         raise UserError("the web UI needs gradio: pip install 'nekotune[ui]' (or pip install gradio)")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"nekotune ui: warning: listening on {args.host}; the UI has no login and can train and "
-              f"write files on this machine", flush=True)
+    from nekotune.serve.guard import host_policy
+
+    auth = parse_auth(args.auth or os.environ.get("NEKOTUNE_UI_AUTH"))
+    host_policy(args.host, args.allow_host)  # a bad --allow-host is refused before anything starts
+    if args.auth:
+        print("nekotune ui: note: --auth is visible to every user of this machine (ps, shell history); "
+              "set NEKOTUNE_UI_AUTH instead", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+        print(f"nekotune ui: warning: listening on {args.host} without a login (--auth / NEKOTUNE_UI_AUTH); "
+              f"anyone who can reach this port can train and write files on this machine", flush=True)
     app = build_app(cfg, getattr(args, "model", None))
     print(f"nekotune ui: http://{args.host}:{args.port}", flush=True)
-    launch(app, args.host, args.port, block=True)
+    launch(app, args.host, args.port, block=True, allow_hosts=args.allow_host, auth=auth)
     return 0
