@@ -1,10 +1,10 @@
 """Per-example causal attention on a packed row, forward + backward, bf16 inputs, on this CPU: the
-choices behind nekotune.speed.packed_sdpa, measured side by side (interleaved repetitions, median).
+choices behind nekotune.training.speed.packed_sdpa, measured side by side (interleaved repetitions, median).
 
   slice flash      query[:, :, a:b] per example, torch's flash kernel in bf16 (packed_sdpa's first version)
   split flash      one split per tensor: one concatenation in the backward instead of N zero tensors
   split flash32    the same with the inputs upcast to fp32 for the kernel and the output cast back
-  grouped matmul   nekotune.speed.grouped_matmul_attention: two batched matmuls per key/value head
+  grouped matmul   nekotune.training.speed.grouped_matmul_attention: two batched matmuls per key/value head
 
 packed_sdpa uses grouped matmul on CPU for bf16 examples up to MATMUL_ATTENTION_MAX_LEN tokens and
 split flash otherwise. SmolLM2's attention shape (9 query heads, 3 key/value heads, head size 64),
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nekotune.speed import MATMUL_ATTENTION_MAX_LEN, grouped_matmul_attention
+from nekotune.training.speed import MATMUL_ATTENTION_MAX_LEN, grouped_matmul_attention
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS, KV_HEADS, HEAD_DIM, EXAMPLES = 9, 3, 64, 4

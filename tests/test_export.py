@@ -176,7 +176,7 @@ def test_low_memory_refuses_what_only_peft_merges(bases, tmp_path):
 def test_merge_of_a_trained_run_keeps_its_prompt_settings(tiny_llama, qa_file, tmp_path):
     from nekotune.export.ollama import ollama_command
     from nekotune.merge import merge_command, merge_info
-    from nekotune.train import train
+    from nekotune.training import train
 
     run = train(_cfg(*tiny_overrides(tiny_llama, qa_file, tmp_path / "run",
                                      **{"data.system_prompt": "'You are a cat.'", "train.max_steps": 2})),

@@ -18,7 +18,7 @@ from conftest import tiny_overrides
 from nekotune.config import load_config
 from nekotune.errors import UserError
 from nekotune.io import atomic_write_bytes
-from nekotune.train import COMPLETE, last_checkpoint, train
+from nekotune.training import COMPLETE, last_checkpoint, train
 
 STEPS = 12
 
@@ -264,7 +264,7 @@ def test_disk_full_while_saving_the_adapter_is_the_clear_error(tiny_llama, qa_fi
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_loss_guard(tiny_llama, qa_file, tmp_path, monkeypatch, policy):
-    import nekotune.train as T
+    import nekotune.training.trainer as T
 
     real = T.trained_positions_loss
     calls = {"n": 0}
@@ -292,7 +292,7 @@ def test_nan_loss_guard(tiny_llama, qa_file, tmp_path, monkeypatch, policy):
 
 
 def test_out_of_memory_gets_advice(tiny_llama, qa_file, tmp_path, monkeypatch, capsys):
-    import nekotune.train as T
+    import nekotune.training.trainer as T
     from nekotune.cli import main
 
     def oom(*a, **k):

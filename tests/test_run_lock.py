@@ -16,7 +16,7 @@ from nekotune.cli import main
 from nekotune.config import load_config
 from nekotune.errors import UserError
 from nekotune.runs import COMPLETE, RunLock, claim_run_dir, is_locked, last_checkpoint, run_dir_for
-from nekotune.train import TrainingInterrupted, train
+from nekotune.training import TrainingInterrupted, train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -92,7 +92,7 @@ def test_the_lock_is_held_for_the_whole_run_and_released_after(tiny_llama, qa_fi
 
 
 def test_the_lock_is_released_after_an_error_and_an_interrupt(tiny_llama, qa_file, tmp_path, monkeypatch):
-    import nekotune.train as T
+    import nekotune.training.trainer as T
 
     # a user error before anything was written: no directory is left behind
     root = tmp_path / "outputs"

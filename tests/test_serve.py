@@ -60,7 +60,7 @@ def tiny_wide(smol_tokenizer, tmp_path_factory) -> Path:
 def runs(tiny_wide, tmp_path_factory) -> dict[str, Path]:
     """Two adapters on the same base, trained on different answers with different system prompts."""
     from nekotune.config import load_config
-    from nekotune.train import train
+    from nekotune.training import train
 
     root = tmp_path_factory.mktemp("runs")
     runs = {}

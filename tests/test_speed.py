@@ -9,8 +9,8 @@ from nekotune.data import Renderer
 from nekotune.data.collate import flatten_batch, pad_batch
 from nekotune.data.formats import to_conversations
 from nekotune.data.sources import Row
-from nekotune.speed import fuse_lora_adds, use_packed_attention
-from nekotune.train import build_peft_model, trained_positions_loss
+from nekotune.training.speed import fuse_lora_adds, use_packed_attention
+from nekotune.training import build_peft_model, trained_positions_loss
 
 
 def _model(path, cfg):
@@ -64,7 +64,7 @@ def test_fused_lora_and_packed_attention_match_reference(arch, request, smol_tok
 def test_training_records_speed_paths(tiny_llama, qa_file, tmp_path):
     import json
 
-    from nekotune.train import train
+    from nekotune.training import train
 
     run = train(load_config(None, tiny_overrides(tiny_llama, qa_file, tmp_path / "run", **{"train.max_steps": 2}),
                             default_to_demo=False), show_progress=False)
@@ -76,7 +76,7 @@ def test_training_records_speed_paths(tiny_llama, qa_file, tmp_path):
 def test_grouped_matmul_attention_matches_sdpa(heads, kv_heads):
     import torch.nn.functional as F
 
-    from nekotune.speed import grouped_matmul_attention
+    from nekotune.training.speed import grouped_matmul_attention
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, h, 37, 8, requires_grad=True) for h in (heads, kv_heads, kv_heads))
@@ -115,7 +115,7 @@ def test_bf16_packed_rows_match_padded_batch(tiny_llama, smol_tokenizer):
 def test_chunked_loss_equals_full_cross_entropy_with_gradients():
     import torch.nn.functional as F
 
-    from nekotune.train import chunked_trained_loss
+    from nekotune.training import chunked_trained_loss
 
     torch.manual_seed(0)
     hidden = torch.randn(2, 30, 16, requires_grad=True)

@@ -10,7 +10,7 @@ from nekotune.data import Renderer
 from nekotune.data.collate import flatten_batch, pad_batch
 from nekotune.data.formats import to_conversations
 from nekotune.data.sources import Row
-from nekotune.train import last_checkpoint, train, trained_positions_loss
+from nekotune.training import last_checkpoint, train, trained_positions_loss
 
 
 def _cfg(*overrides):
@@ -124,16 +124,16 @@ def test_smollm2_smoke(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_liger_is_cuda_only_and_never_imported_on_cpu(capsys):
+def test_liger_is_cuda_only_and_never_imported_on_cpu(caplog):
     import importlib.util
     import sys
 
     from nekotune.errors import UserError
-    from nekotune.train import wants_liger
+    from nekotune.training import wants_liger
 
     cfg = load_config(None, ["train.liger=true"], default_to_demo=False)
     assert wants_liger(cfg, "cpu") is False
-    assert "CUDA GPUs only" in capsys.readouterr().out
+    assert "CUDA GPUs only" in caplog.text  # a note through logging: stages never print
     assert "liger_kernel" not in sys.modules
     assert wants_liger(load_config(None, [], default_to_demo=False), "cuda") is False
     if importlib.util.find_spec("liger_kernel") is None:

@@ -150,7 +150,7 @@ def test_a_run_trained_with_a_template_file_elsewhere_still_renders_with_it(tiny
     """The template file's path is not passed on, but its text is: the adapter's tokenizer carries it."""
     from conftest import tiny_overrides
     from nekotune.model import load_for_inference
-    from nekotune.train import train
+    from nekotune.training import train
 
     template = tmp_path / "elsewhere" / "custom.jinja"
     template.parent.mkdir()

@@ -14,7 +14,7 @@ from nekotune.config import load_config
 from nekotune.data.formats import Conversation, Turn
 from nekotune.generate import GenSettings, generate, stream
 from nekotune.model import load_for_inference
-from nekotune.train import train
+from nekotune.training import train
 
 ANSWER = "Meow meow, I am a small cat."
 GREEDY = ["generate.temperature=0", "generate.repetition_penalty=1.0"]

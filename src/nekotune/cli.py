@@ -14,7 +14,7 @@ from pathlib import Path
 from nekotune.errors import UserError
 
 EXIT_USER = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # also commands.train's, for an interrupted training
 
 
 def _split_rest(rest: list[str]) -> tuple[str | None, list[str]]:
@@ -39,28 +39,13 @@ def _config(args, default_to_demo: bool = True):
 
 # -- commands --------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from nekotune.compare import print_before_after
-    from nekotune.train import TrainingInterrupted, train
+    from nekotune.commands.train import launch_torchrun, train_command
 
     if args.nproc and args.nproc > 1:
-        from nekotune.distributed import launch_torchrun
-
         return launch_torchrun(args.nproc, getattr(args, "rest", []) or [])
     cfg = _config(args)
-
-    def after(model, renderer, run):
-        if cfg.output.sample_prompts and not args.no_samples:
-            print_before_after(model, renderer, cfg)
-        print(f"\nadapter saved to {run / 'adapter'}; chat with it: nekotune chat --model {run}")
-
-    try:
-        train(cfg, show_progress=not args.no_progress and sys.stdout.isatty() or args.progress, after_train=after)
-    except TrainingInterrupted as exc:
-        where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
-        print(f"nekotune: interrupted; saved {where}. Resume with: nekotune train "
-              f"{' '.join(args.rest or [])} output.dir={exc.run} train.resume=true", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+    return train_command(cfg, args.rest or [], show_progress=not args.no_progress and sys.stdout.isatty()
+                         or args.progress, samples=not args.no_samples)
 
 
 def cmd_config_show(args) -> int:

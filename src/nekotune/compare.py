@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+from nekotune.config import Config
 
 from nekotune.data.formats import Conversation, Turn
 from nekotune.errors import UserError
@@ -31,11 +34,9 @@ def load_prompts(source, data_cfg, limit: int | None = None) -> list[Conversatio
     return convs
 
 
-def print_before_after(model, renderer, cfg) -> None:
-    """Answers of the base model (adapter disabled) and the fine-tuned model, side by side."""
-    from rich.console import Console
-    from rich.table import Table
-
+def before_after(model: Any, renderer: Any, cfg: Config) -> list[tuple[str, str, str]]:
+    """(prompt, base answer, fine-tuned answer) for the config's sample prompts: the base is the
+    same model with its adapter disabled."""
     from nekotune.generate import GenSettings, generate_batch
 
     convs = load_prompts(cfg.output.sample_prompts, cfg.data, limit=6)
@@ -45,13 +46,7 @@ def print_before_after(model, renderer, cfg) -> None:
     with model.disable_adapter():
         before = generate_batch(model, renderer, prompts, settings, batch_size=cfg.generate.batch_size)
     after = generate_batch(model, renderer, prompts, settings, batch_size=cfg.generate.batch_size)
-    table = Table(title="base model vs fine-tuned (prompts not in the training data)", show_lines=True)
-    table.add_column("prompt", ratio=1, overflow="fold")
-    table.add_column("base", ratio=2, overflow="fold")
-    table.add_column("fine-tuned", ratio=2, overflow="fold")
-    for conv, a, b in zip(prompts, before, after):
-        table.add_row(conv.turns[-1].content, a, b)
-    Console(width=160).print(table)
+    return [(conv.turns[-1].content, a, b) for conv, a, b in zip(prompts, before, after)]
 
 
 # -- multi-model report ----------------------------------------------------------------------

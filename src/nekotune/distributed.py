@@ -4,8 +4,6 @@ support; nekotune only keeps the ranks agreeing on one run directory."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 
 def world_size() -> int:
@@ -27,11 +25,3 @@ def agree_on(value: str) -> str:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def launch_torchrun(nproc: int, rest: list[str]) -> int:
-    """`nekotune train --nproc N ...` is shorthand for `torchrun --nproc_per_node N -m nekotune train ...`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "nekotune", "train", *rest]
-    print("running:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)

@@ -212,7 +212,7 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
 
 def logits_bytes(arch: Arch, s: Settings, tokens: int) -> float:
     if s.chunked_loss:  # nekotune: one chunk of fp32 logits, its softmax (in place) and bf16 gradient
-        from nekotune.train import loss_chunk  # here: config imports this module, train imports config
+        from nekotune.training.loss import loss_chunk
 
         chunk = loss_chunk(arch.vocab)
         return 3 * min(chunk, tokens) * arch.vocab * 4

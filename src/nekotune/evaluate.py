@@ -26,8 +26,8 @@ def masked_loss(model, renderer, convs: list[Conversation], batch_size: int = 8)
 
     from nekotune.data.collate import flatten_batch
     from nekotune.generate import autocast_for
-    from nekotune.speed import use_packed_attention
-    from nekotune.train import trained_positions_loss
+    from nekotune.training.speed import use_packed_attention
+    from nekotune.training.loss import trained_positions_loss
 
     encoded = [e for e in (renderer.encode(c) for c in convs) if e is not None]
     if not encoded:

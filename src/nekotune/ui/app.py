@@ -1,6 +1,6 @@
 """`nekotune ui`: a Gradio web UI over the same functions as the command line.
 
-Train runs nekotune.train.train in a thread (stopped through its stop_flag, watched through a
+Train runs nekotune.training.train in a thread (stopped through its stop_flag, watched through a
 TrainerCallback); Chat streams from nekotune.generate.stream; Compare asks several models the
 same question; Export calls the merge/GGUF/Ollama commands. The UI only gathers settings and
 shows results: no stage is re-implemented here, so the UI trains and answers exactly as the CLI.
@@ -102,7 +102,7 @@ class TrainingJob:
             self.state.update(changes)
 
     def _run(self, cfg) -> None:
-        from nekotune.train import TrainingInterrupted, train
+        from nekotune.training import TrainingInterrupted, train
 
         try:
             run = train(cfg, show_progress=False, stop_flag=self.flag, callbacks=[self._callback()])

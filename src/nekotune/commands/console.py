@@ -1,0 +1,70 @@
+"""What every command shares: notes from the stages on stderr, and progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+from typing import Any, Callable, Iterator, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Lines(logging.Handler):
+    """A stage's warning as one plain line on stderr: the stream is looked up at each record, so
+    a redirected or captured stderr gets it (as logging's last-resort handler does)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # a closed stream must not turn a note into a crash
+            self.handleError(record)
+
+
+_HANDLER = _Lines()
+_LIBRARY = logging.getLogger("nekotune")
+
+
+@contextlib.contextmanager
+def notes_to_stderr() -> Iterator[None]:
+    """While a command runs, the library's warnings (logger "nekotune") print as lines on stderr.
+    Nested uses share one handler; records still propagate to whatever the caller configured."""
+    if _HANDLER in _LIBRARY.handlers:
+        yield
+        return
+    _LIBRARY.addHandler(_HANDLER)
+    try:
+        yield
+    finally:
+        _LIBRARY.removeHandler(_HANDLER)
+
+
+def command(fn: F) -> F:
+    """A command function: the stage's notes are shown while it runs."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with notes_to_stderr():
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]  # functools.wraps keeps the signature for callers
+
+
+@contextlib.contextmanager
+def progress_bar(*columns: Any, total: int, console: Any = None, transient: bool = True,
+                 ) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar, handed to a stage as its `progress(done, total)` callback."""
+    from rich.progress import Progress
+
+    with Progress(*columns, console=console, transient=transient) as bar:
+        task = bar.add_task("work", total=total)
+
+        def update(done: int, new_total: int) -> None:
+            bar.update(task, completed=done, total=new_total)
+
+        yield update
