@@ -79,7 +79,7 @@ def sharded_base(work: Path, shard_size: str) -> Path:
 
 def adapter_for(base: Path, work: Path) -> Path:
     """The latest run's adapter, pointed at the sharded base; or a random one of the same shape."""
-    from nekotune.model import latest_run
+    from nekotune.runs import latest_run
 
     target = work / "adapter"
     shutil.rmtree(target, ignore_errors=True)

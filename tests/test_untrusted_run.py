@@ -110,11 +110,12 @@ def test_a_run_passes_on_prompt_settings_but_nothing_that_runs_code(hostile):
 
 def test_merge_export_and_serve_resolution_run_none_of_its_code(hostile, tmp_path):
     from nekotune.export.gguf import prepare
-    from nekotune.merge import merge_command, resolve_for_merge
+    from nekotune.merge import merge_command
+    from nekotune.model import resolve_source
     from nekotune.serve.pool import load_pool
 
     run, marker = hostile
-    _, cfg = resolve_for_merge(_cfg(), str(run))
+    _, cfg = resolve_source(_cfg(), str(run))
     assert cfg.model.trust_remote_code is False and cfg.model.revision is None
     source = prepare(_cfg(), str(run))  # export gguf / ollama
     assert type(source.tokenizer).__name__ != EVIL_CLASS and source.cfg.model.trust_remote_code is False

@@ -52,13 +52,13 @@ def before_after(model: Any, renderer: Any, cfg: Config) -> list[tuple[str, str,
 # -- multi-model report ----------------------------------------------------------------------
 def _checkpoint_curve(paths: list[str]) -> list[tuple[int, float]]:
     """Eval-loss points logged by the Trainer, read from the newest checkpoint's state."""
-    import json
+    from nekotune.io import read_json
 
     best: list[tuple[int, float]] = []
     for p in paths:
         state = Path(p) / "trainer_state.json"
         if state.is_file():
-            hist = json.loads(state.read_text()).get("log_history", [])
+            hist = read_json(state).get("log_history", [])
             points = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
             if len(points) > len(best):
                 best = points

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nekotune.errors import UserError
+from nekotune.io import read_json
 
 MB = 2**20
 GB = 2**30
@@ -88,11 +89,11 @@ class Arch:
 def read_model_config(model_arg: str) -> tuple[dict, str]:
     p = Path(model_arg).expanduser()
     if p.is_file() and p.name.endswith(".json"):
-        return _load_json(p), str(p)
+        return read_json(p), str(p)
     if p.is_dir():
         for candidate in (p / "config.json", p / "adapter" / "adapter_config.json", p / "adapter_config.json"):
             if candidate.is_file() and candidate.name == "config.json":
-                return _load_json(candidate), str(candidate)
+                return read_json(candidate), str(candidate)
         if (p / "adapter_config.json").is_file() or (p / "adapter").is_dir():
             from nekotune.model import resolve
 
@@ -107,13 +108,6 @@ def read_model_config(model_arg: str) -> tuple[dict, str]:
     raise UserError(f"model {model_arg} not found; give a model directory, a config.json or a hub id")
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not readable JSON ({exc})") from None
-
-
 def _from_hub(repo: str) -> tuple[dict, str]:
     try:
         from huggingface_hub import hf_hub_download
@@ -123,7 +117,7 @@ def _from_hub(repo: str) -> tuple[dict, str]:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"cannot fetch config.json of {repo} ({first[:160]}); download it and pass "
                         f"--model path/to/config.json") from None
-    return _load_json(Path(path)), repo
+    return read_json(Path(path)), repo
 
 
 # -- the breakdown -----------------------------------------------------------------------------

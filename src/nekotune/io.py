@@ -22,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from nekotune.errors import UserError
 
@@ -122,6 +122,14 @@ def atomic_file(target: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file nekotune reads (configs, indexes, markers); a broken one is the user's to fix."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read ({exc}); the file is missing or damaged") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 from nekotune.errors import UserError
+from nekotune.io import read_json
+from nekotune.model.source import MERGE_INFO, merge_info  # noqa: F401  (merge_info: read back by export)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 ADAPTER_PREFIX = "base_model.model."
 WRITTEN_BY = "nekotune merge"  # the marker of a merged directory (nekotune.io)
-MERGE_INFO = "nekotune_merge.json"  # what was merged, and the prompt settings the adapter was trained with
 EMBED_NAMES = ("model.embed_tokens.weight",)
 LM_HEAD = "lm_head.weight"
 
@@ -76,7 +77,7 @@ class BaseCheckpoint:
                     piece = fh.get_slice(name)
                     shapes[name] = tuple(piece.get_shape())
                     dtypes[name] = _dtype_from_safetensors(piece.get_dtype(), path / file)
-        return cls(path, shards, shapes, dtypes, _read_json(path / "config.json"))
+        return cls(path, shards, shapes, dtypes, read_json(path / "config.json"))
 
     @property
     def file_of(self) -> dict[str, str]:
@@ -104,7 +105,7 @@ class BaseCheckpoint:
 def _shard_files(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: no weight_map; the checkpoint index is damaged")
         files = list(dict.fromkeys(weight_map.values()))
@@ -125,13 +126,6 @@ def _dtype_from_safetensors(code: str, where: Path) -> str:
         raise UserError(f"{where}: tensors of type {code} (already quantized?) cannot be merged; "
                         f"use the unquantized base model")
     return table[code]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read ({exc}); the file is missing or damaged") from None
 
 
 def local_model_dir(base: str, revision: str | None = None) -> Path:
@@ -185,7 +179,7 @@ class Adapter:
         from peft.utils import load_peft_weights
 
         path = Path(path)
-        config = _read_json(path / "adapter_config.json")
+        config = read_json(path / "adapter_config.json")
         _check_streamable(config, path)
         try:
             state = load_peft_weights(str(path), device="cpu")
@@ -461,7 +455,7 @@ def _write_config(merged: MergedModel, out: Path, dtype: str) -> None:
 def _write_generation_config(base_dir: Path, out: Path, config: dict, renderer) -> None:
     """The base's generation config, stopping also at the chat template's end-of-turn token."""
     path = base_dir / "generation_config.json"
-    gen = _read_json(path) if path.is_file() else {k: config[k] for k in ("bos_token_id", "eos_token_id",
+    gen = read_json(path) if path.is_file() else {k: config[k] for k in ("bos_token_id", "eos_token_id",
                                                                          "pad_token_id") if k in config}
     eos = gen.get("eos_token_id")
     eos = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
@@ -478,21 +472,6 @@ def _write_merge_info(out: Path, spec, cfg, dtype: str, low_memory: bool) -> Non
             "low_memory": low_memory, "system_prompt": cfg.data.system_prompt,
             "enable_thinking": cfg.data.enable_thinking}
     (out / MERGE_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def merge_info(model_dir: str | Path) -> dict:
-    """Prompt settings a merged directory carries from its run (empty for other directories)."""
-    path = Path(model_dir) / MERGE_INFO
-    return _read_json(path) if path.is_file() else {}
-
-
-# -- the command -----------------------------------------------------------------------------
-def resolve_for_merge(cfg, model_arg: str | None):
-    from nekotune.model import effective_config, resolve
-
-    explicit = cfg.model.name_or_path if "name_or_path" in cfg.model.model_fields_set else None
-    spec = resolve(model_arg or explicit, outputs_root=cfg.output.root)
-    return spec, effective_config(cfg, spec)
 
 
 def source_paths(spec, base_dir: Path | None = None, model_arg: str | None = None) -> list[Path]:
@@ -529,7 +508,9 @@ def merge_command(cfg, model_arg: str | None, out: str, low_memory: bool = False
     from nekotune.model import load_tokenizer
 
     console = Console(stderr=True)
-    spec, cfg = resolve_for_merge(cfg, model_arg)
+    from nekotune.model import resolve_source
+
+    spec, cfg = resolve_source(cfg, model_arg)
     if spec.adapter is None:
         raise UserError(f"{spec.label} has no adapter to merge; pass a run directory or an adapter directory "
                         f"with --model")

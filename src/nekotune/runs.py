@@ -1,6 +1,10 @@
-"""Run directories: their names, the lock a training holds on one, checkpoints and resume.
+"""Run directories: what is in one (Run), their names, the lock a training holds, checkpoints, resume.
 
     outputs/<run>/  config.yaml run.json adapter/ checkpoints/checkpoint-N/ loss.png tb/ .lock
+
+Every part of nekotune that looks at a run (training, model resolution, serve, the UI, estimate)
+goes through this module: the layout, the latest run and which run owns an adapter are decided
+here only.
 
 One process trains into a run directory at a time. It holds an exclusive lock on `<run>/.lock`
 for the whole run (filelock: flock on POSIX, LockFileEx on Windows). The operating system drops
@@ -16,11 +20,128 @@ import secrets
 import shutil
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from nekotune.errors import UserError
 
 LOCK_FILE = ".lock"
 COMPLETE = "NEKOTUNE_COMPLETE"  # written last, atomically: a checkpoint without it was cut off mid-save
+
+
+# -- one run directory -----------------------------------------------------------------------
+def read_run_config(path: Path) -> dict:
+    """A run's config.yaml as written by train (empty when it has none); it is data: safe_load only."""
+    import yaml
+
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{path}: cannot read ({str(exc).splitlines()[0]}); the file is damaged") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections; the file is damaged")
+    return raw
+
+
+class Run:
+    """One run directory: its layout, what training wrote there, and its checkpoints.
+
+    A Run is os.PathLike, so it goes wherever a path does (`nekotune.load(run)`, `open`, Path)."""
+
+    def __init__(self, path: str | Path):
+        self.dir = Path(path)
+
+    # the layout
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def run_json(self) -> Path:
+        return self.dir / "run.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.dir / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.dir / "loss.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.dir / "tb"
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    # what is in it
+    @property
+    def finished(self) -> bool:
+        """Training ended and saved its adapter."""
+        return (self.adapter / "adapter_config.json").is_file()
+
+    def config(self) -> dict:
+        return read_run_config(self.config_file)
+
+    @property
+    def metrics(self) -> dict:
+        """run.json: data statistics, losses, tokens/s, wall time, peak memory, versions."""
+        from nekotune.io import read_json
+
+        return read_json(self.run_json) if self.run_json.is_file() else {}
+
+    def last_checkpoint(self) -> Path | None:
+        return last_checkpoint(self.dir)
+
+    @property
+    def locked(self) -> bool:
+        return is_locked(self.dir)
+
+    @classmethod
+    def owning(cls, path: str | Path) -> "Run | None":
+        """The run an adapter or checkpoint directory belongs to (run/adapter, run/checkpoints/checkpoint-N)."""
+        p = Path(path)
+        for parent in (p.parent, p.parent.parent):
+            if (parent / "config.yaml").is_file():
+                return cls(parent)
+        return None
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
+
+    def __str__(self) -> str:
+        return str(self.dir)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r})"
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Run) and other.dir == self.dir
+
+    def __hash__(self) -> int:
+        return hash(self.dir)
+
+
+def list_runs(root: str | Path) -> list[Run]:
+    """Finished runs under `root`, newest adapter first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [Run(d) for d in root.iterdir() if d.is_dir() and Run(d).finished]
+    return sorted(runs, key=lambda r: (r.adapter / "adapter_config.json").stat().st_mtime, reverse=True)
+
+
+def latest_run(root: str | Path = "outputs") -> Run | None:
+    """The finished run whose adapter was written last: what `--model` means when not given."""
+    runs = list_runs(root)
+    return runs[0] if runs else None
 
 
 # -- the lock --------------------------------------------------------------------------------
@@ -196,12 +317,9 @@ RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "d
 
 
 def check_resume_compatible(cfg, run: Path) -> None:
-    import yaml
-
-    saved_file = run / "config.yaml"
-    if not saved_file.is_file():
+    if not (run / "config.yaml").is_file():
         return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    saved = read_run_config(run / "config.yaml")
     now = cfg.to_dict()
     for key in RESUME_MUST_MATCH:
         a, b = _dig(saved, key), _dig(now, key)

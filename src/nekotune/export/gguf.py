@@ -23,8 +23,11 @@ import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import Any
 
+from nekotune.config import Config
 from nekotune.errors import UserError
+from nekotune.model.source import ModelSource
 
 # model_type -> llama.cpp architecture. Mistral is the Llama graph in llama.cpp.
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -64,36 +67,24 @@ def _types():
 # -- the model being exported ------------------------------------------------------------------
 @dataclass
 class Source:
-    spec: object
-    cfg: object
-    tokenizer: object
-    renderer: object
+    spec: ModelSource
+    cfg: Config
+    tokenizer: Any
+    renderer: Any
 
     @property
     def name(self) -> str:
-        return Path(self.spec.run_dir or self.spec.adapter or self.spec.base).name
+        return self.spec.name
 
 
-def prepare(cfg, model_arg: str | None) -> Source:
+def prepare(cfg: Config, model_arg: str | None) -> Source:
     """Resolve --model, and the prompt settings it was trained with (run config or merge info)."""
     from nekotune.data.render import Renderer
-    from nekotune.merge import resolve_for_merge
-    from nekotune.model import load_tokenizer
+    from nekotune.model import load_tokenizer, resolve_source
 
-    spec, cfg = resolve_for_merge(cfg, model_arg)
-    cfg = with_merge_info(cfg, spec)
+    spec, cfg = resolve_source(cfg, model_arg, merged_prompts=True)
     tokenizer = load_tokenizer(spec, cfg.model)
     return Source(spec, cfg, tokenizer, Renderer.from_config(tokenizer, cfg.data))
-
-
-def with_merge_info(cfg, spec):
-    """A merged directory remembers its run's system prompt and enable_thinking; explicit settings win."""
-    from nekotune.merge import merge_info
-
-    info = merge_info(spec.base) if spec.adapter is None and Path(spec.base).is_dir() else {}
-    update = {k: info[k] for k in ("system_prompt", "enable_thinking")
-              if info.get(k) is not None and k not in cfg.data.model_fields_set}
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)}) if update else cfg
 
 
 def architecture(config: dict) -> str:
@@ -443,15 +434,10 @@ def export_gguf(source: Source, out: Path, type_name: str, console) -> str:
 
 
 def _config_of(source: Source) -> dict:
-    import json
-
+    from nekotune.io import read_json
     from nekotune.merge import local_model_dir
 
-    path = local_model_dir(source.spec.base, source.cfg.model.revision) / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    return read_json(local_model_dir(source.spec.base, source.cfg.model.revision) / "config.json")
 
 
 def file_size(path: Path) -> str:

@@ -160,17 +160,14 @@ def _short(text: str, width: int = 38) -> str:
 def verify_command(cfg, file: str, model_arg: str | None, limit: int | None = None) -> int:
     from rich.console import Console
 
-    from nekotune.export.gguf import with_merge_info
-    from nekotune.merge import resolve_for_merge
-    from nekotune.model import load_for_inference
+    from nekotune.model import load_source, resolve_source
 
     llama_cpp = require_llama_cpp()
     path = Path(file).expanduser()
     if not path.is_file() or path.suffix != ".gguf":
         raise UserError(f"{file} is not a .gguf file; give the file `nekotune export gguf` wrote")
     console = Console(stderr=False)
-    spec, _ = resolve_for_merge(cfg, model_arg)
-    loaded = load_for_inference(with_merge_info(cfg, spec), model_arg)
+    loaded = load_source(*resolve_source(cfg, model_arg, merged_prompts=True))
     prompts = heldout_prompts(loaded.cfg)[:limit]
     longest = max(len(loaded.renderer.prompt_ids(c)) for c in prompts)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + N_TOKENS + 8, logits_all=True, verbose=False,

@@ -148,24 +148,19 @@ def context_length(model, tokenizer) -> int:
 
 
 def _renderer(tokenizer, cfg) -> Renderer:
-    template = None
-    if cfg.model.chat_template:
-        path = Path(cfg.model.chat_template)
-        if not path.is_file():
-            raise UserError(f"model.chat_template file {path} not found")
-        template = path.read_text(encoding="utf-8")
-    return Renderer.from_config(tokenizer, cfg.data, chat_template=template)
+    """Each name renders with its own run's template (the tokenizer is the served model's)."""
+    from nekotune.model import chat_template_text
+
+    return Renderer.from_config(tokenizer, cfg.data, chat_template=chat_template_text(cfg.model))
 
 
 def _add_adapter(model, spec, internal: str):
     """The first adapter wraps the base in a PeftModel; later ones load beside it."""
-    from nekotune.model import attach_adapter
+    from nekotune.model import attach_adapter, require_safetensors_adapter
 
     if not hasattr(model, "load_adapter") or not hasattr(model, "peft_config"):
         return attach_adapter(model, spec, trainable=False, adapter_name=internal)
-    if not (Path(spec.adapter) / "adapter_model.safetensors").is_file():
-        raise UserError(f"{spec.adapter} has no adapter_model.safetensors; nekotune loads adapters from "
-                        f"safetensors only (retrain, or convert the .bin with peft)")
+    require_safetensors_adapter(spec.adapter)
     try:
         model.load_adapter(spec.adapter, adapter_name=internal, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -198,15 +193,13 @@ def _adapter_sources(spec, adapters: list[tuple[str, str]], outputs_root: str) -
 
 def load_pool(cfg, model_arg: str | None, adapters: list[tuple[str, str]]) -> ModelPool:
     """Load the base once, then every adapter onto it under its own name."""
-    from nekotune.model import (ModelSpec, effective_config, load_model, load_tokenizer, pick_device,
-                                pick_precision, resolve)
+    from nekotune.model import (ModelSource, effective_config, load_model, load_tokenizer, pick_device,
+                                pick_precision, resolve_source)
 
-    explicit = cfg.model.name_or_path if "name_or_path" in cfg.model.model_fields_set else None
-    spec = resolve(model_arg or explicit, outputs_root=cfg.output.root)
-    served_cfg = effective_config(cfg, spec)
+    spec, served_cfg = resolve_source(cfg, model_arg)
     precision = pick_precision(pick_device(served_cfg.model.device), served_cfg.model.dtype, training=False)
     tokenizer = load_tokenizer(spec, served_cfg.model)
-    model = load_model(ModelSpec(base=spec.base), served_cfg.model, precision, training=False)
+    model = load_model(ModelSource(base=spec.base), served_cfg.model, precision, training=False)
     context = context_length(model, tokenizer)
     # The base answers with the served model's prompt settings, so base and fine-tuned compare fairly.
     base = Entry(safe_name(f"base-{Path(spec.base.rstrip('/')).name}"), None, _renderer(tokenizer, served_cfg),

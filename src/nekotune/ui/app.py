@@ -25,6 +25,7 @@ except ImportError:  # ui_command says how to install it
     gr = None
 
 from nekotune.errors import UserError  # noqa: E402
+from nekotune.runs import list_runs  # noqa: E402
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m")
 DATA_FILE_TYPES = [".json", ".jsonl", ".csv", ".parquet", ".txt"]
@@ -37,15 +38,6 @@ def t(en: str, zh: str) -> str:
 
 
 # -- what the page works on ------------------------------------------------------------------
-def list_runs(root: str | Path) -> list[Path]:
-    """Finished runs under outputs/, newest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    runs = [d for d in root.iterdir() if (d / "adapter" / "adapter_config.json").is_file()]
-    return sorted(runs, key=lambda d: (d / "adapter" / "adapter_config.json").stat().st_mtime, reverse=True)
-
-
 class ModelCache:
     """The last few models used by Chat and Compare, each loaded once (loading takes seconds)."""
 

@@ -1,0 +1,232 @@
+"""Loading a resolved model: device and precision, the tokenizer, the base weights and the adapter.
+
+Weights from a local directory load from safetensors only, and an adapter too: nekotune never
+unpickles. Code from model files runs only when the user set model.trust_remote_code (trust.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nekotune.config import Config, ModelConfig
+from nekotune.errors import UserError
+from nekotune.model.source import ModelSource, resolve_source
+from nekotune.trust import is_needs_code, needs_code_error, warn_trusted
+
+
+# -- device and precision --------------------------------------------------------------------
+@dataclass
+class Precision:
+    device: str
+    weights: "object"  # torch.dtype for the frozen base weights
+    autocast: "object | None"  # torch.dtype for autocast, or None
+
+    @property
+    def name(self) -> str:
+        import torch
+
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names[self.autocast] if self.autocast is not None else names[self.weights]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmul is ~4x fp32 on CPUs with AVX512-BF16/AMX and much slower elsewhere."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "avx512_bf16" in _cpu_flags() \
+            or "amx_bf16" in _cpu_flags()
+    except Exception:
+        return False
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device=cuda but torch sees no CUDA GPU; install a CUDA build of torch "
+                        "(see README) or use model.device=auto")
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError("model.device=mps but MPS is not available on this machine; use model.device=auto")
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_precision(device: str, requested: str = "auto", training: bool = True) -> Precision:
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested == "fp16" and device == "cpu":
+        raise UserError("model.dtype=fp16 on CPU is about 100x slower than fp32; use model.dtype=auto or bf16")
+    if device == "cuda":
+        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = auto if requested == "auto" else table[requested]
+        return Precision(device, dtype, dtype if dtype != torch.float32 else None)
+    if device == "mps":
+        dtype = torch.float32 if requested == "auto" else table[requested]
+        return Precision(device, dtype, None)
+    # CPU: frozen weights in bf16 and bf16 autocast where the CPU has bf16 units; the LoRA weights
+    # and the loss stay fp32. Inference stays fp32 by default so answers match exported GGUFs.
+    want_bf16 = requested == "bf16" or (requested == "auto" and training and cpu_has_fast_bf16())
+    if want_bf16:
+        return Precision(device, torch.bfloat16, torch.bfloat16)
+    return Precision(device, torch.float32, None)
+
+
+# -- loading ---------------------------------------------------------------------------------
+def chat_template_text(model_cfg: ModelConfig | None) -> str | None:
+    """The Jinja file model.chat_template names, read; None when it names none."""
+    if model_cfg is None or not model_cfg.chat_template:
+        return None
+    path = Path(model_cfg.chat_template)
+    if not path.is_file():
+        raise UserError(f"model.chat_template file {path} not found")
+    return path.read_text(encoding="utf-8")
+
+
+def load_tokenizer(spec: ModelSource, model_cfg: ModelConfig | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = spec.adapter if spec.adapter and _has_tokenizer(Path(spec.adapter)) else spec.base
+    # only the user's own setting: effective_config never takes trust_remote_code from a run
+    trust = bool(model_cfg and model_cfg.trust_remote_code)
+    if trust:
+        warn_trusted([spec.adapter, spec.base])
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        if not trust and is_needs_code(exc):
+            raise needs_code_error(source, "tokenizer") from None
+        raise UserError(f"cannot load a tokenizer from {source} ({str(exc).strip().splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    template = chat_template_text(model_cfg)
+    if template is not None:
+        tok.chat_template = template
+    return tok
+
+
+def _has_tokenizer(p: Path) -> bool:
+    return (p / "tokenizer_config.json").is_file()
+
+
+def check_quantization(model_cfg, device: str) -> None:
+    """QLoRA needs bitsandbytes on CUDA; say so before spending a minute loading weights."""
+    if not model_cfg.quantization:
+        return
+    if device != "cuda":
+        raise UserError(f"model.quantization={model_cfg.quantization} needs an NVIDIA GPU with CUDA (bitsandbytes); "
+                        f"this machine trains on {device}: remove model.quantization (LoRA in bf16/fp32 works here)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.quantization needs bitsandbytes: pip install 'nekotune[qlora]' (or bitsandbytes)")
+
+
+def quantization_config(model_cfg, compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(spec: ModelSource, model_cfg: ModelConfig, precision: Precision, training: bool = False) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_quantization(model_cfg, precision.device)
+    kwargs = {"dtype": precision.weights, "trust_remote_code": model_cfg.trust_remote_code,
+              "attn_implementation": model_cfg.attn_implementation or _default_attention(precision.device)}
+    if model_cfg.revision:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.quantization:
+        kwargs["quantization_config"] = quantization_config(model_cfg, precision.autocast or torch.bfloat16)
+        # each process of a multi-GPU run keeps its quantized copy on its own GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    if Path(spec.base).is_dir() and any(Path(spec.base).glob("*.safetensors")):
+        kwargs["use_safetensors"] = True  # never unpickle weights from a local directory
+    if model_cfg.trust_remote_code:
+        warn_trusted([spec.adapter, spec.base])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
+    except (OSError, ValueError) as exc:
+        if not model_cfg.trust_remote_code and is_needs_code(exc):
+            raise needs_code_error(spec.base, "model") from None
+        raise UserError(f"cannot load model {spec.base} ({str(exc).strip().splitlines()[0]})") from None
+    if not model_cfg.quantization:
+        model.to(precision.device)
+    if spec.adapter:
+        model = attach_adapter(model, spec, trainable=training)
+    if not training:
+        model.eval()
+    return model
+
+
+def _default_attention(device: str) -> str:
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def require_safetensors_adapter(adapter: str) -> None:
+    """peft would fall back to a pickled adapter_model.bin; nekotune never unpickles weights."""
+    if not (Path(adapter) / "adapter_model.safetensors").is_file():
+        raise UserError(f"{adapter} has no adapter_model.safetensors; nekotune loads adapters from "
+                        f"safetensors only (convert the .bin with peft, or retrain)")
+
+
+def attach_adapter(model: Any, spec: ModelSource, trainable: bool = False, adapter_name: str = "default") -> Any:
+    from peft import PeftModel
+
+    assert spec.adapter is not None
+    require_safetensors_adapter(spec.adapter)
+    try:
+        return PeftModel.from_pretrained(model, spec.adapter, adapter_name=adapter_name, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UserError(f"adapter {spec.adapter} does not fit base model {spec.base} ({first}); load it on the "
+                        f"base it was trained on") from None
+
+
+# -- inference -------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    model: Any
+    renderer: Any
+    spec: ModelSource
+    cfg: Config
+
+    @property
+    def source(self) -> ModelSource:
+        return self.spec
+
+
+def load_source(source: ModelSource, cfg: Config) -> Loaded:
+    """A resolved model (and its effective config) loaded for generation."""
+    from nekotune.data.render import Renderer
+
+    device = pick_device(cfg.model.device)
+    precision = pick_precision(device, cfg.model.dtype, training=False)
+    tokenizer = load_tokenizer(source, cfg.model)
+    model = load_model(source, cfg.model, precision, training=False)
+    return Loaded(model, Renderer.from_config(tokenizer, cfg.data), source, cfg)
+
+
+def load_for_inference(cfg: Config, model_arg: str | None) -> Loaded:
+    return load_source(*resolve_source(cfg, model_arg))
