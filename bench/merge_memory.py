@@ -42,7 +42,7 @@ def child(base: str, adapter: str, out: str, low_memory: bool) -> None:
     import transformers  # noqa: F401
 
     from nekotune.config import load_config
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     reset_peak()  # imports peak above where they settle; only the merge's own peak counts
     baseline = rss_mb()

@@ -77,7 +77,7 @@ def llama_adapter(bases, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def merged_llama(bases, llama_adapter, tmp_path_factory):
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     return merge_command(_cfg(), str(llama_adapter), str(tmp_path_factory.mktemp("merged") / "llama"))
 
@@ -98,7 +98,7 @@ VARIANTS = {
 def test_merge_equals_peft_merge_and_unload(bases, tmp_path, arch, variant):
     from transformers import AutoModelForCausalLM
 
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     adapter = _adapter(bases[arch], tmp_path / "adapter", **VARIANTS[variant])
     expected, peft_logits = _peft_reference(bases[arch], adapter)
@@ -115,7 +115,8 @@ def test_merge_equals_peft_merge_and_unload(bases, tmp_path, arch, variant):
 def test_merge_keeps_layout_and_writes_a_standalone_model(bases, llama_adapter, tmp_path):
     from safetensors import safe_open
 
-    from nekotune.merge import MERGE_INFO, merge_command
+    from nekotune.commands.export import merge_command
+    from nekotune.weights import MERGE_INFO
 
     outs = [merge_command(_cfg(), str(llama_adapter), str(tmp_path / f"m{low}"), low_memory=low)
             for low in (False, True)]
@@ -138,7 +139,7 @@ def test_merge_keeps_layout_and_writes_a_standalone_model(bases, llama_adapter, 
 def test_merge_output_dtype(bases, llama_adapter, tmp_path):
     from safetensors import safe_open
 
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     out = merge_command(_cfg(), str(llama_adapter), str(tmp_path / "bf16"), low_memory=True, dtype="bf16")
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
@@ -148,7 +149,7 @@ def test_merge_output_dtype(bases, llama_adapter, tmp_path):
 
 
 def test_merge_refuses_bad_requests(bases, llama_adapter, tmp_path):
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     with pytest.raises(UserError, match="no adapter to merge"):
         merge_command(_cfg(), str(bases["llama"]), str(tmp_path / "x"))
@@ -165,7 +166,7 @@ def test_merge_refuses_bad_requests(bases, llama_adapter, tmp_path):
 
 
 def test_low_memory_refuses_what_only_peft_merges(bases, tmp_path):
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     adapter = _adapter(bases["qwen2"], tmp_path / "bias", lora_bias=True, target_modules=["q_proj", "v_proj"])
     with pytest.raises(UserError, match="lora_bias.*without --low-memory"):
@@ -174,8 +175,8 @@ def test_low_memory_refuses_what_only_peft_merges(bases, tmp_path):
 
 
 def test_merge_of_a_trained_run_keeps_its_prompt_settings(tiny_llama, qa_file, tmp_path):
-    from nekotune.export.ollama import ollama_command
-    from nekotune.merge import merge_command, merge_info
+    from nekotune.commands.export import merge_command, ollama_command
+    from nekotune.weights import merge_info
     from nekotune.training import train
 
     run = train(_cfg(*tiny_overrides(tiny_llama, qa_file, tmp_path / "run",
@@ -219,7 +220,7 @@ def _expected_tensors(arch, config):
 def test_gguf_reads_back_complete(bases, tmp_path, arch, gtype):
     import gguf
 
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
 
     adapter = _adapter(bases[arch], tmp_path / "adapter")
     out = export_command(_cfg(), str(adapter), str(tmp_path / "m.gguf"), gtype)
@@ -265,7 +266,8 @@ def test_q8_0_dequantizes_close_to_the_merged_weights(merged_llama, tmp_path):
     import gguf
     from safetensors.torch import load_file
 
-    from nekotune.export.gguf import export_command, permute_for_rope
+    from nekotune.commands.export import export_command
+    from nekotune.export.gguf import permute_for_rope
 
     out = export_command(_cfg(), str(merged_llama), str(tmp_path / "q8.gguf"), "q8_0")
     state = {}
@@ -308,7 +310,7 @@ def test_f32_gguf_loads_in_transformers_with_the_same_logits(bases, llama_adapte
     """Catches a wrong Q/K permutation: transformers un-permutes what llama.cpp expects."""
     from transformers import AutoModelForCausalLM
 
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
 
     out = export_command(_cfg(), str(llama_adapter), str(tmp_path / "f32.gguf"), "f32")
     _, peft_logits = _peft_reference(bases["llama"], llama_adapter)
@@ -318,7 +320,7 @@ def test_f32_gguf_loads_in_transformers_with_the_same_logits(bases, llama_adapte
 
 
 def test_unsupported_architecture_is_a_user_error(tiny_llama, tmp_path):
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
 
     model = shutil.copytree(tiny_llama, tmp_path / "odd")
     config = json.loads((model / "config.json").read_text())
@@ -343,14 +345,15 @@ def test_cli_export_gguf_and_errors(merged_llama, tmp_path, capsys):
 def test_q4_k_m_is_written_or_falls_back(merged_llama, tmp_path, capsys, monkeypatch):
     import gguf
 
+    from nekotune.commands.export import export_command
     from nekotune.export import gguf as export_gguf
     from nekotune.export.verify import gguf_file_type
 
     if HAS_LLAMA_CPP:
-        out = export_gguf.export_command(_cfg(), str(merged_llama), str(tmp_path / "k.gguf"), "q4_k_m")
+        out = export_command(_cfg(), str(merged_llama), str(tmp_path / "k.gguf"), "q4_k_m")
         assert gguf_file_type(out) == "MOSTLY_Q4_K_M" and len(gguf.GGUFReader(out).tensors) == 20
     monkeypatch.setattr(export_gguf, "_k_quant_available", lambda: False)
-    out = export_gguf.export_command(_cfg(), str(merged_llama), str(tmp_path / "k5.gguf"), "q4_k_m")
+    out = export_command(_cfg(), str(merged_llama), str(tmp_path / "k5.gguf"), "q4_k_m")
     assert gguf_file_type(out) == "MOSTLY_Q5_0"
     assert "writing q5_0" in capsys.readouterr().err
 
@@ -376,7 +379,8 @@ TWO_TURNS = [{"role": "user", "content": "Hi, who are you?"}, {"role": "assistan
 
 
 def _go_equals_jinja(parts, renderer, messages, strip=""):
-    from nekotune.export.ollama import ollama_data, render_go_template
+    from nekotune.export.gotemplate import render_go_template
+    from nekotune.export.ollama import ollama_data
 
     go = render_go_template(parts.template, ollama_data(messages, parts.system))
     if renderer.system_prompt and messages[0]["role"] != "system":
@@ -438,7 +442,7 @@ def test_unknown_template_is_best_effort(smol_tokenizer):
 
 
 def test_go_template_subset():
-    from nekotune.export.ollama import GoTemplateError, render_go_template
+    from nekotune.export.gotemplate import GoTemplateError, render_go_template
 
     data = {"System": "", "Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}]}
     template = ('{{ if .System }}S{{ else if eq (len .Messages) 2 }}two{{ else }}other{{ end }} \n'
@@ -452,7 +456,7 @@ def test_go_template_subset():
 
 
 def test_ollama_directory(merged_llama, tmp_path, capsys):
-    from nekotune.export.ollama import ollama_command
+    from nekotune.commands.export import ollama_command
 
     cfg = _cfg("generate.temperature=0.3", "generate.top_k=20")
     out = ollama_command(cfg, str(merged_llama), str(tmp_path / "ollama"), "q4_0")
@@ -467,12 +471,13 @@ def test_ollama_directory(merged_llama, tmp_path, capsys):
 
 # -- verify ----------------------------------------------------------------------------------
 def test_verify_without_llama_cpp_says_how_to_install(monkeypatch, tmp_path):
+    from nekotune.commands.export import verify_command
     from nekotune.export import verify
 
     real = importlib.util.find_spec
     monkeypatch.setattr(verify.importlib.util, "find_spec", lambda name: None if name == "llama_cpp" else real(name))
     with pytest.raises(UserError, match=r"pip install 'nekotune\[verify\]'"):
-        verify.verify_command(_cfg(), str(tmp_path / "x.gguf"), None)
+        verify_command(_cfg(), str(tmp_path / "x.gguf"), None)
 
 
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (pip install 'nekotune[verify]')")
@@ -480,8 +485,8 @@ def test_llama_cpp_runs_the_export_like_transformers(bases, llama_adapter, merge
     import llama_cpp
     from transformers import AutoTokenizer
 
-    from nekotune.export.gguf import export_command
-    from nekotune.export.verify import verify_command
+    from nekotune.commands.export import export_command
+    from nekotune.commands.export import verify_command
 
     out = export_command(_cfg(), str(llama_adapter), str(tmp_path / "f16.gguf"), "f16")
     tokenizer = AutoTokenizer.from_pretrained(merged_llama)
@@ -532,7 +537,7 @@ def test_llama_cpp_logits_match_transformers(smol_tokenizer, tmp_path, kind):
     and Llama 3.1's frequency factors, all checked by llama.cpp itself."""
     import llama_cpp
 
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
 
     model = _tiny_variant(kind, smol_tokenizer, tmp_path / kind)
     out = export_command(_cfg(), str(tmp_path / kind), str(tmp_path / f"{kind}.gguf"), "f32")

@@ -274,7 +274,7 @@ def test_export_ollama_refuses_to_write_into_what_it_reads(run_dir, tiny_llama, 
 
 
 def test_export_ollama_rewrites_its_own_output(run_dir, tmp_path, capsys):
-    from nekotune.export.ollama import ollama_command
+    from nekotune.commands.export import ollama_command
 
     out = ollama_command(_cfg(), str(run_dir), str(tmp_path / "ollama"), "q8_0")
     assert marker_of(out) == "nekotune export ollama"

@@ -110,7 +110,7 @@ def test_a_run_passes_on_prompt_settings_but_nothing_that_runs_code(hostile):
 
 def test_merge_export_and_serve_resolution_run_none_of_its_code(hostile, tmp_path):
     from nekotune.export.gguf import prepare
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
     from nekotune.model import resolve_source
     from nekotune.serve.pool import load_pool
 

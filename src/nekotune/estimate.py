@@ -14,6 +14,7 @@ from pathlib import Path
 
 from nekotune.errors import UserError
 from nekotune.io import read_json
+from nekotune.registry import ARCHITECTURES
 
 MB = 2**20
 GB = 2**30
@@ -53,7 +54,7 @@ class Arch:
                        head_dim=int(text.get("head_dim") or hidden // heads),
                        intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
                        tied=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-                       qk_norm=text.get("model_type", cfg.get("model_type")) in ("qwen3", "qwen3_moe"), name=name)
+                       qk_norm=_has_qk_norm(text.get("model_type", cfg.get("model_type"))), name=name)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{name or 'config.json'}: missing or invalid field {exc}; estimate needs a decoder-only "
                             f"model config (hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, "
@@ -83,6 +84,11 @@ class Arch:
     @property
     def params(self) -> int:
         return self.layers * self.layer_linear_params + self.embedding_params + self.norm_params
+
+
+def _has_qk_norm(model_type: object) -> bool:
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    return bool(arch and arch.qk_norm)
 
 
 # -- reading the model's config ----------------------------------------------------------------

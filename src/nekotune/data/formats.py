@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from nekotune.data.sources import Row
 from nekotune.errors import UserError
+from nekotune.registry import DATA_FORMATS
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -182,7 +183,7 @@ def from_text(row: Row) -> Conversation:
     return Conversation(text=_text(row, "text", fmt="text"), where=row.where)
 
 
-FORMATS: dict[str, Callable[[Row], Conversation]] = {
+_ADAPTERS: dict[str, Callable[[Row], Conversation]] = {
     "alpaca": from_alpaca,
     "qa": from_alpaca,  # instruction/output pairs are Alpaca without `input`
     "prompt_target": from_prompt_target,
@@ -190,6 +191,9 @@ FORMATS: dict[str, Callable[[Row], Conversation]] = {
     "sharegpt": from_sharegpt,
     "text": from_text,
 }
+# One adapter per format of the registry, in its order; a format added there without an adapter
+# here fails at import, not on a user's file.
+FORMATS: dict[str, Callable[[Row], Conversation]] = {name: _ADAPTERS[name] for name in DATA_FORMATS}
 
 
 def detect_format(data: dict) -> str | None:

@@ -5,7 +5,7 @@ Ollama does not run Jinja chat templates; it runs Go templates. The TEMPLATE is 
 template family (ChatML, Qwen3, Llama 3), with the pieces that vary - the generation prompt (Qwen3's
 empty think block), the default system prompt, the BOS text - measured by rendering probe
 conversations with nekotune's Renderer. The result is then checked: the Go template, rendered by
-`render_go_template` below (the subset of Go template syntax emitted here) for a few
+gotemplate.render_go_template (the subset of Go template syntax emitted here) for a few
 conversations as Ollama would, must equal the chat template's rendering. A mismatch is reported.
 """
 
@@ -16,194 +16,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nekotune.config import Config, GenerateConfig
 from nekotune.errors import UserError
+from nekotune.export.gguf import ExportResult, Progress
+from nekotune.export.gotemplate import render_go_template
 
 PROBE = "nekotune-probe-{}"
 WRITTEN_BY = "nekotune export ollama"  # the marker of an Ollama directory (nekotune.io)
-
-
-# -- Go template subset: text, {{ pipeline }}, if/else if/else/end, range, $var := ---------------
-class GoTemplateError(ValueError):
-    pass
-
-
-_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
-
-
-def _lex(source: str) -> list[tuple[str, str]]:
-    """[("text", s) | ("action", body)], with Go's trim markers applied to the neighbouring text."""
-    parts: list[tuple[str, str]] = []
-    pos = 0
-    trim_next = False
-    for m in _ACTION.finditer(source):
-        text = source[pos:m.start()]
-        if trim_next:
-            text = text.lstrip(" \t\r\n")
-        if m.group(1):
-            text = text.rstrip(" \t\r\n")
-        parts.append(("text", text))
-        parts.append(("action", m.group(2).strip()))
-        trim_next = bool(m.group(3))
-        pos = m.end()
-    tail = source[pos:]
-    parts.append(("text", tail.lstrip(" \t\r\n") if trim_next else tail))
-    return [p for p in parts if p != ("text", "")]
-
-
-def _parse(parts: list, i: int = 0, stop: tuple = ()) -> tuple[list, int, str]:
-    """Nodes up to one of the `stop` keywords; returns (nodes, index of the stopper, its body)."""
-    nodes: list = []
-    while i < len(parts):
-        kind, body = parts[i]
-        word = body.split(None, 1)[0] if kind == "action" and body else ""
-        if kind == "text":
-            nodes.append(("text", body))
-        elif word in ("end", "else"):
-            if word not in stop:
-                raise GoTemplateError(f"unexpected {{{{ {body} }}}}")
-            return nodes, i, body
-        elif word in ("if", "range"):
-            node, i = _parse_block(parts, i, word, body[len(word):].strip())
-            nodes.append(node)
-            continue
-        else:
-            nodes.append(("action", body))
-        i += 1
-    if stop:
-        raise GoTemplateError("a block has no {{ end }}")
-    return nodes, i, ""
-
-
-def _parse_block(parts: list, i: int, word: str, expr: str) -> tuple[tuple, int]:
-    body, i, stopped = _parse(parts, i + 1, stop=("end", "else"))
-    otherwise: list = []
-    if stopped.startswith("else if"):  # an if nested in the else branch, sharing this block's end
-        nested, i = _parse_block(parts, i, "if", stopped[len("else if"):].strip())
-        return (word, expr, body, [nested]), i
-    if stopped == "else":
-        otherwise, i, stopped = _parse(parts, i + 1, stop=("end",))
-    return (word, expr, body, otherwise), i + 1
-
-
-_TOKEN = re.compile(r'\s*(\(|\)|"(?:[^"\\]|\\.)*"|[^\s()]+)')
-
-
-def _tokens(expr: str) -> list[str]:
-    return _TOKEN.findall(expr)
-
-
-class _Scope:
-    def __init__(self, dot, root, variables: dict):
-        self.dot, self.root, self.vars = dot, root, variables
-
-    def value(self, token: str):
-        if token.startswith('"'):
-            return json.loads(token)
-        if re.fullmatch(r"-?\d+", token):
-            return int(token)
-        if token in ("true", "false"):
-            return token == "true"
-        if token.startswith("$"):
-            name, _, path = token.partition(".")
-            if name not in self.vars:
-                raise GoTemplateError(f"undefined variable {name}")
-            return _field(self.vars[name], path)
-        if token.startswith("."):
-            return _field(self.dot, token[1:])
-        raise GoTemplateError(f"unknown value {token}")
-
-
-def _field(obj, path: str):
-    for name in filter(None, path.split(".")):
-        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-    return obj
-
-
-def _truth(value) -> bool:
-    """Go's truth: false, 0, nil and empty strings/lists are false."""
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, (int, float)):
-        return value != 0
-    return len(value) > 0 if hasattr(value, "__len__") else True
-
-
-FUNCS = {
-    "eq": lambda a, *others: any(a == b for b in others),
-    "ne": lambda a, b: a != b,
-    "not": lambda a: not _truth(a),
-    "and": lambda *xs: next((x for x in xs if not _truth(x)), xs[-1]),
-    "or": lambda *xs: next((x for x in xs if _truth(x)), xs[-1]),
-    "len": len,
-    "slice": lambda x, i=0, j=None: x[i:j],
-}
-
-
-def _eval(tokens: list[str], scope: _Scope):
-    func = FUNCS.get(tokens[0]) if tokens else None
-    args, i = [], 1 if func else 0
-    while i < len(tokens):
-        if tokens[i] == "(":
-            depth, j = 1, i + 1
-            while depth:
-                depth += {"(": 1, ")": -1}.get(tokens[j], 0)
-                j += 1
-            args.append(_eval(tokens[i + 1:j - 1], scope))
-            i = j
-        else:
-            args.append(scope.value(tokens[i]))
-            i += 1
-    if func:
-        return func(*args)
-    if len(args) != 1:
-        raise GoTemplateError(f"cannot evaluate {' '.join(tokens)}")
-    return args[0]
-
-
-def _run(nodes: list, scope: _Scope, out: list[str]) -> None:
-    for node in nodes:
-        if node[0] == "text":
-            out.append(node[1])
-        elif node[0] == "action":
-            _action(node[1], scope, out)
-        elif node[0] == "if":
-            _, expr, body, otherwise = node
-            branch = body if _truth(_eval(_tokens(expr), scope)) else otherwise
-            _run(branch, _Scope(scope.dot, scope.root, dict(scope.vars)), out)
-        else:
-            _range(node, scope, out)
-
-
-def _action(body: str, scope: _Scope, out: list[str]) -> None:
-    assignment = re.fullmatch(r"(\$\w+)\s*:?=\s*(.+)", body, re.S)
-    if assignment:
-        scope.vars[assignment.group(1)] = _eval(_tokens(assignment.group(2)), scope)
-        return
-    value = _eval(_tokens(body), scope)
-    out.append("" if value is None else str(value))
-
-
-def _range(node: tuple, scope: _Scope, out: list[str]) -> None:
-    _, expr, body, otherwise = node
-    m = re.fullmatch(r"(?:(\$\w+)\s*,\s*(\$\w+)\s*:=\s*|(\$\w+)\s*:=\s*)?(.+)", expr, re.S)
-    items = _eval(_tokens(m.group(4)), scope) or []
-    if not items:
-        _run(otherwise, scope, out)
-    for index, item in enumerate(items):
-        variables = dict(scope.vars)
-        if m.group(1):
-            variables[m.group(1)], variables[m.group(2)] = index, item
-        elif m.group(3):
-            variables[m.group(3)] = item
-        _run(body, _Scope(item, scope.root, variables), out)
-
-
-def render_go_template(template: str, data: dict) -> str:
-    """Render the subset of Go's text/template that the Modelfiles written here use."""
-    nodes, _, _ = _parse(_lex(template))
-    out: list[str] = []
-    _run(nodes, _Scope(data, data, {"$": data}), out)
-    return "".join(out)
 
 
 def ollama_data(messages: list[dict], default_system: str | None) -> dict:
@@ -332,7 +151,8 @@ def quote(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(gguf_name: str, template: str | None, system: str | None, stops: list[str], gen_cfg) -> str:
+def modelfile_text(gguf_name: str, template: str | None, system: str | None, stops: list[str],
+                   gen_cfg: GenerateConfig) -> str:
     lines = [f"FROM ./{gguf_name}"]
     if template is not None:
         lines.append(f"TEMPLATE {quote(template)}")
@@ -378,14 +198,22 @@ def modelfile_parts(renderer, runtime_adds_bos: bool) -> ModelfileParts:
     return ModelfileParts(template, system, stops, warning)
 
 
-def ollama_command(cfg, model_arg: str | None, out: str, type: str = "q4_0") -> Path:
-    from rich.console import Console
+@dataclass
+class OllamaResult:
+    export: ExportResult  # the directory, the GGUF inside it and its type
+    name: str  # the model name to `ollama create`
+    modelfile: Path
+    warning: str | None  # a TEMPLATE that does not reproduce the chat template, or none written
 
-    from nekotune.export.gguf import adds_special_tokens, export_gguf, file_size, prepare
+
+def ollama_dir(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
+               progress: Progress | None = None) -> OllamaResult:
+    """`nekotune export ollama`: a directory with the GGUF and a Modelfile."""
+    from nekotune.export.gguf import export_gguf, prepare
+    from nekotune.export.gguf_meta import adds_special_tokens
     from nekotune.io import atomic_dir, claim_output_dir
-    from nekotune.merge import local_model_dir, source_paths
+    from nekotune.weights import local_model_dir, source_paths
 
-    console = Console(stderr=True)
     out_path = Path(out).expanduser()
     if out_path.is_file():
         raise UserError(f"--out {out} is a file; give a directory for the GGUF and the Modelfile")
@@ -395,16 +223,11 @@ def ollama_command(cfg, model_arg: str | None, out: str, type: str = "q4_0") -> 
     parts = modelfile_parts(source.renderer, adds_special_tokens(source.tokenizer)["bos"])
     name = ollama_name(source.name)
     with atomic_dir(out_path, WRITTEN_BY) as tmp:
-        written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, console)
+        written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, progress)
         gguf_name = f"{name}-{written}.gguf"
         if written != type:
             (tmp / f"{name}-{type}.gguf").rename(tmp / gguf_name)
         (tmp / "Modelfile").write_text(modelfile_text(gguf_name, parts.template, parts.system, parts.stops,
                                                       source.cfg.generate), encoding="utf-8")
-    if parts.warning:
-        console.print(f"[yellow]warning:[/] {parts.warning}")
-    console.print(f"wrote {out_path}/Modelfile and {gguf_name} ({written}, {file_size(out_path / gguf_name)})",
-                  soft_wrap=True)
-    console.print("create the Ollama model with:")
-    console.print(f"  ollama create {name} -f {out_path / 'Modelfile'}", soft_wrap=True, markup=False)
-    return out_path
+    return OllamaResult(ExportResult(out_path, written, source.spec.label, out_path / gguf_name), name,
+                        out_path / "Modelfile", parts.warning)

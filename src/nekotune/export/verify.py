@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from nekotune.config import Config
 from nekotune.errors import UserError
 
 N_TOKENS = 20
@@ -126,57 +127,72 @@ def bos_agrees(llm, tokenizer) -> bool:
     return llm.tokenize(b"Hello", add_bos=True, special=True) == tokenizer("Hello")["input_ids"]
 
 
-def report(results: list[PromptResult], file_type: str, bos_ok: bool, console) -> bool:
-    from rich.table import Table
-
-    table = Table(title=f"llama.cpp ({file_type}) vs transformers, greedy, first {N_TOKENS} tokens")
-    for column in ("#", "prompt", "tokens", "tokenization", "greedy agree", "top-1 (teacher-forced)"):
-        table.add_column(column, justify="right" if column in ("#", "tokens") else "left")
-    for i, r in enumerate(results, 1):
-        table.add_row(str(i), _short(r.prompt), str(r.n_prompt_tokens), "equal" if r.tokens_equal else "[red]DIFFERS",
-                      f"{r.greedy_match}/{r.greedy_len}", f"{r.top1:.0%}")
-    console.print(table)
-    for i, r in enumerate(results, 1):
-        if r.greedy_match < r.greedy_len:
-            console.print(f"#{i} transformers: {r.hf_text!r}\n#{i} llama.cpp:    {r.llama_text!r}", soft_wrap=True)
-    n_equal = sum(r.tokens_equal for r in results)
-    top1 = sum(r.top1 for r in results) / len(results)
-    greedy = sum(r.greedy_match / max(r.greedy_len, 1) for r in results) / len(results)
-    threshold = THRESHOLDS.get(file_type, LOW_BIT_THRESHOLD)
-    ok = n_equal == len(results) and bos_ok and top1 >= threshold
-    console.print(f"tokenization equal: {n_equal}/{len(results)} prompts; BOS handling "
-                  f"{'agrees' if bos_ok else '[red]differs'}")
-    console.print(f"greedy agreement: {greedy:.0%} of leading tokens; teacher-forced top-1: {top1:.1%} "
-                  f"(needed {threshold:.0%} for {file_type})")
-    console.print("[green]PASS[/]" if ok else "[red]FAIL[/]")
-    return ok
-
-
-def _short(text: str, width: int = 38) -> str:
+def short(text: str, width: int = 38) -> str:
+    """A prompt on one line of the report's table."""
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def verify_command(cfg, file: str, model_arg: str | None, limit: int | None = None) -> int:
-    from rich.console import Console
+@dataclass
+class VerifyReport:
+    gguf: Path
+    file_type: str
+    results: list[PromptResult]
+    bos_ok: bool  # llama.cpp adds BOS exactly when transformers does
 
-    from nekotune.model import load_source, resolve_source
+    @property
+    def n_equal(self) -> int:
+        """Prompts that both sides tokenize to the same ids."""
+        return sum(r.tokens_equal for r in self.results)
 
-    llama_cpp = require_llama_cpp()
-    path = Path(file).expanduser()
-    if not path.is_file() or path.suffix != ".gguf":
-        raise UserError(f"{file} is not a .gguf file; give the file `nekotune export gguf` wrote")
-    console = Console(stderr=False)
-    loaded = load_source(*resolve_source(cfg, model_arg, merged_prompts=True))
-    prompts = heldout_prompts(loaded.cfg)[:limit]
-    longest = max(len(loaded.renderer.prompt_ids(c)) for c in prompts)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + N_TOKENS + 8, logits_all=True, verbose=False,
-                          n_threads=os.cpu_count() or 1, seed=0)
-    try:
-        console.print(f"comparing {path.name} with {loaded.spec.label} on {len(prompts)} held-out prompts",
-                      soft_wrap=True)
-        results = [compare_prompt(loaded, llm, conv, loaded.renderer.stop_token_ids) for conv in prompts]
-        ok = report(results, gguf_file_type(path), bos_agrees(llm, loaded.renderer.tokenizer), console)
-    finally:
-        llm.close()  # before interpreter shutdown, when llama_cpp's own cleanup would fail noisily
-    return 0 if ok else 1
+    @property
+    def top1(self) -> float:
+        return sum(r.top1 for r in self.results) / len(self.results)
+
+    @property
+    def greedy(self) -> float:
+        return sum(r.greedy_match / max(r.greedy_len, 1) for r in self.results) / len(self.results)
+
+    @property
+    def threshold(self) -> float:
+        return THRESHOLDS.get(self.file_type, LOW_BIT_THRESHOLD)
+
+    @property
+    def ok(self) -> bool:
+        return self.n_equal == len(self.results) and self.bos_ok and self.top1 >= self.threshold
+
+
+class Verification:
+    """One GGUF opened in llama.cpp beside its source in transformers (`with` closes llama.cpp);
+    `run()` compares them on the held-out prompts."""
+
+    def __init__(self, cfg: Config, file: str, model_arg: str | None, limit: int | None = None):
+        from nekotune.model import load_source, resolve_source
+
+        llama_cpp = require_llama_cpp()
+        self.gguf = Path(file).expanduser()
+        if not self.gguf.is_file() or self.gguf.suffix != ".gguf":
+            raise UserError(f"{file} is not a .gguf file; give the file `nekotune export gguf` wrote")
+        self.loaded = load_source(*resolve_source(cfg, model_arg, merged_prompts=True))
+        self.prompts = heldout_prompts(self.loaded.cfg)[:limit]
+        longest = max(len(self.loaded.renderer.prompt_ids(c)) for c in self.prompts)
+        self.llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=longest + N_TOKENS + 8, logits_all=True,
+                                   verbose=False, n_threads=os.cpu_count() or 1, seed=0)
+
+    @property
+    def label(self) -> str:
+        return self.loaded.spec.label
+
+    def run(self) -> VerifyReport:
+        renderer = self.loaded.renderer
+        results = [compare_prompt(self.loaded, self.llm, conv, renderer.stop_token_ids) for conv in self.prompts]
+        return VerifyReport(self.gguf, gguf_file_type(self.gguf), results, bos_agrees(self.llm, renderer.tokenizer))
+
+    def close(self) -> None:
+        self.llm.close()  # before interpreter shutdown, when llama_cpp's own cleanup would fail noisily
+
+    def __enter__(self) -> "Verification":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

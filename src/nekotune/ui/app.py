@@ -25,9 +25,9 @@ except ImportError:  # ui_command says how to install it
     gr = None
 
 from nekotune.errors import UserError  # noqa: E402
+from nekotune.registry import GGUF_TYPES  # noqa: E402
 from nekotune.runs import list_runs  # noqa: E402
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m")
 DATA_FILE_TYPES = [".json", ".jsonl", ".csv", ".parquet", ".txt"]
 CSS = "footer {display: none !important} #train-status {min-height: 3em}"
 
@@ -407,16 +407,16 @@ def run_export(ws: Workspace, model, action, gguf_type, dtype, low_memory, out):
     started = time.time()
     try:
         if action == "merge":
-            from nekotune.merge import merge_command
+            from nekotune.commands.export import merge_command
 
             written = merge_command(ws.cfg, model, out, low_memory=bool(low_memory),
                                     dtype=None if dtype == "auto" else dtype)
         elif action == "gguf":
-            from nekotune.export.gguf import export_command
+            from nekotune.commands.export import export_command
 
             written = export_command(ws.cfg, model, out, gguf_type)
         else:
-            from nekotune.export.ollama import ollama_command
+            from nekotune.commands.export import ollama_command
 
             written = ollama_command(ws.cfg, model, out, gguf_type)
     except UserError as exc:

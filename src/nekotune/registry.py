@@ -1,0 +1,103 @@
+"""The open sets, one table each: data formats, training stages, GGUF types, architectures'
+export facts, inference engines.
+
+Plain data and no imports from the rest of nekotune, so that the config (the bottom layer) can
+validate against it, and the CLI's choices, the UI's lists, the stages and the docs all read
+the same table. Adding a member is one entry here, plus the code that implements it where the
+entry says (a format's adapter in data/formats.py, a type's encoder in export/gguf.py ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# -- data formats: name -> what a row looks like (the adapters: data/formats.py FORMATS) --------
+DATA_FORMATS: dict[str, str] = {
+    "alpaca": "instruction, input, output (optional history, system)",
+    "qa": "a question and an answer (instruction/prompt/question/query + output/response/answer/completion)",
+    "prompt_target": "text and target",
+    "messages": "messages: [{role, content}, ...] (OpenAI style)",
+    "sharegpt": "conversations: [{from, value}, ...]",
+    "text": "text: plain text for continued pre-training",
+}
+DATA_FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format
+
+
+# -- training stages: name -> recipe -----------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingStage:
+    name: str
+    recipe: str  # "module:function" taking (cfg, ...) like nekotune.training.train
+    description: str
+    formats: tuple[str, ...] = ()  # data formats it trains on; empty: any
+
+
+TRAINING_STAGES: dict[str, TrainingStage] = {s.name: s for s in (
+    TrainingStage("sft", "nekotune.training.recipe:train", "supervised fine-tuning: the answers are trained"),
+    TrainingStage("pt", "nekotune.training.recipe:train", "continued pre-training: every token of plain text "
+                  "is trained", formats=("text",)),
+)}
+
+
+# -- GGUF types: --type names -> what export/gguf.py writes ------------------------------------
+@dataclass(frozen=True)
+class GgufType:
+    name: str
+    tensor_type: str  # gguf.GGMLQuantizationType member for the matrices
+    file_type: str  # gguf.LlamaFileType member for general.file_type
+    low_bit: bool = False  # 4-5 bits: the output matrix keeps 8 bits, as llama.cpp keeps it higher
+    needs_llama_cpp: bool = False  # written by llama.cpp's own quantizer (llama-cpp-python) from an f32 file
+    fallback: str | None = None  # written instead when llama.cpp is missing
+
+
+GGUF_TYPES: dict[str, GgufType] = {t.name: t for t in (
+    GgufType("f32", "F32", "ALL_F32"),
+    GgufType("f16", "F16", "MOSTLY_F16"),
+    GgufType("bf16", "BF16", "MOSTLY_BF16"),
+    GgufType("q8_0", "Q8_0", "MOSTLY_Q8_0"),
+    GgufType("q4_0", "Q4_0", "MOSTLY_Q4_0", low_bit=True),
+    GgufType("q4_1", "Q4_1", "MOSTLY_Q4_1", low_bit=True),
+    GgufType("q5_0", "Q5_0", "MOSTLY_Q5_0", low_bit=True),
+    GgufType("q5_1", "Q5_1", "MOSTLY_Q5_1", low_bit=True),
+    # q5_0: closest in quality to Q4_K_M among the types the gguf package can write
+    GgufType("q4_k_m", "Q4_K", "MOSTLY_Q4_K_M", needs_llama_cpp=True, fallback="q5_0"),
+)}
+
+
+# -- architectures: config.json model_type -> facts the export and the estimate need -----------
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    gguf_arch: str | None  # llama.cpp's architecture name; None: the GGUF export does not write it
+    permute_qk: bool = False  # HF's half-split rotary layout -> llama.cpp's interleaved one (Llama family)
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3): weights the estimate counts
+    examples: str = ""  # model families, for messages
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    Architecture("llama", "llama", permute_qk=True, examples="SmolLM2, Llama 3"),
+    Architecture("mistral", "llama", permute_qk=True),  # the Llama graph in llama.cpp
+    # Qwen2/Qwen3 use NEOX rotary in llama.cpp: no permutation
+    Architecture("qwen2", "qwen2", examples="Qwen2, Qwen2.5"),
+    Architecture("qwen3", "qwen3", qk_norm=True),
+    Architecture("qwen3_moe", None, qk_norm=True),
+)}
+
+
+def gguf_architectures() -> str:
+    """The model types the GGUF export writes, for messages: "llama (SmolLM2, Llama 3), mistral, ..."."""
+    return ", ".join(f"{a.model_type} ({a.examples})" if a.examples else a.model_type
+                     for a in ARCHITECTURES.values() if a.gguf_arch)
+
+
+# -- inference engines: what generates tokens for chat, eval, serve ------------------------------
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    module: str  # the module with generate/stream/generate_batch over token ids from the Renderer
+    description: str
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (
+    Engine("transformers", "nekotune.generate", "transformers' generate on the loaded model, any device"),
+)}
