@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from nekotune.estimate import SEEDS_RULES, Arch, Settings, estimate, inference_mb
+from nekotune.memory import SEEDS_RULES, Arch, Settings, estimate, inference_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "data" / "configs"

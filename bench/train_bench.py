@@ -197,7 +197,7 @@ FLOPS_FORMULA = ("per token: 4*N_base + 6*N_lora + 4*V*H, plus 12*L*h*d_head*c p
 
 
 def model_flops(job: dict, tokens: dict) -> dict:
-    from nekotune.estimate import Arch, lora_params
+    from nekotune.memory import Arch, lora_params
 
     arch = Arch.from_config(json.loads((Path(job["model"]) / "config.json").read_text()))
     n_base = arch.layers * arch.layer_linear_params

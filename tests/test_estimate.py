@@ -7,7 +7,7 @@ import pytest
 
 from nekotune.cli import main
 from nekotune.config import PRESETS, load_config
-from nekotune.estimate import MB, Arch, Settings, estimate, fit, lora_params, settings_from_config
+from nekotune.memory import MB, Arch, Settings, estimate, fit, lora_params, settings_from_config
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -61,7 +61,7 @@ def test_presets_fit_their_budget_for_qwen3_1_7b(name, budget):
 
 
 def test_cpu_preset_fits_smollm2_in_8gb():
-    from nekotune.estimate import read_model_config
+    from nekotune.memory import read_model_config
 
     cfg = load_config(None, ["preset=cpu"], default_to_demo=False)
     arch = Arch.from_config(read_model_config("smollm2")[0])

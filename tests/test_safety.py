@@ -337,7 +337,7 @@ def test_export_gguf_overwrites_only_a_gguf_it_wrote(run_dir, tmp_path, capsys):
 @pytest.fixture
 def workspace(tmp_path, tiny_llama):
     pytest.importorskip("gradio")
-    from nekotune.ui.app import Workspace
+    from nekotune.ui.workspace import Workspace
 
     return Workspace(_cfg(f"output.root={tmp_path / 'outputs'}", f"model.name_or_path={tiny_llama}"))
 
@@ -347,7 +347,7 @@ def _train_values(run_name, data="data.json"):
 
 
 def test_ui_train_tab_keeps_runs_inside_the_root(workspace, tmp_path):
-    from nekotune.ui.app import training_config
+    from nekotune.ui.tabs import training_config
 
     with pytest.raises(UserError, match="output.run_name"):
         training_config(workspace, *_train_values("../../escape"))
@@ -365,7 +365,7 @@ def test_ui_train_tab_keeps_runs_inside_the_root(workspace, tmp_path):
 def test_ui_export_tab_writes_only_inside_the_root_and_never_into_the_run(workspace, tmp_path):
     import gradio as gr
 
-    from nekotune.ui.app import default_export_path, export_path, run_export
+    from nekotune.ui.tabs import default_export_path, export_path, run_export
 
     run = str(tmp_path / "outputs" / "run")
     root = tmp_path / "outputs"

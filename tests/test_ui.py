@@ -160,7 +160,7 @@ def reference_answer(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
 @pytest.fixture
 def chat_updates(monkeypatch):
     """Every update the Chat event streams to the page (each yield of chat_reply is one message)."""
-    import nekotune.ui.app as ui_app
+    import nekotune.ui.tabs as ui_app
 
     record = {"updates": [], "done": threading.Event()}
     original = ui_app.chat_reply
@@ -195,7 +195,7 @@ class TrainingGate:
 
 @pytest.fixture
 def training_gate(monkeypatch):
-    from nekotune.ui.app import TrainingJob
+    from nekotune.ui.workspace import TrainingJob
 
     gates = []
     original = TrainingJob._callback

@@ -78,7 +78,7 @@ def test_run_directory_supplies_its_training_settings(meow_run, tmp_path):
 
 
 def test_chat_transcript_with_slash_commands(meow_run):
-    from nekotune.chat import run_chat
+    from nekotune.commands.chat import run_chat
 
     run, _ = meow_run
     stdin = io.StringIO("hello\n/set temperature -1\n/reset\n/system You are a cat.\n/help\nhi again\n/exit\n")
@@ -121,7 +121,7 @@ def test_predict_writes_jsonl(meow_run, tmp_path, capsys):
 
 def test_eval_loss_equals_hand_computation(meow_run):
     from nekotune.data import load_conversations
-    from nekotune.evaluate import masked_loss
+    from nekotune.evaluation import masked_loss
 
     run, data = meow_run
     loaded = load_for_inference(_cfg(), str(run))
@@ -152,7 +152,7 @@ def test_eval_command_with_baseline(meow_run, tmp_path, capsys):
 
 
 def test_metrics_handle_chinese():
-    from nekotune.evaluate import text_metrics
+    from nekotune.evaluation import text_metrics
 
     same = text_metrics(["今天天气很好，我们去公园散步吧"], ["今天天气很好，我们去公园散步吧"])
     assert same["bleu4"] == pytest.approx(100.0) and same["rouge1"] == pytest.approx(100.0)

@@ -1,7 +1,7 @@
 """The one evaluation every row gets (run in the main venv, in its own process).
 
 Loads the job's base model in fp32, attaches a tool's saved PEFT adapter (or none, for the
-untrained baseline) and computes nekotune.evaluate.masked_loss on the held-out rows: token-
+untrained baseline) and computes nekotune.evaluation.masked_loss on the held-out rows: token-
 weighted cross-entropy over the assistant tokens only (the answer and its end-of-turn token),
 each row rendered by the model's own chat template (which adds SmolLM2's default system
 prompt) and cut at the job's max length. Identical code and settings for every tool, so the
@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nekotune.config import DataConfig
 from nekotune.data import load_conversations
 from nekotune.data.render import Renderer
-from nekotune.evaluate import masked_loss
+from nekotune.evaluation import masked_loss
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Thin command line: parse arguments, call one function per command.
+"""Thin command line: the argument table, and one call into the command layer (nekotune.commands) per command.
 
 No stage imports this module. A UserError becomes one line on stderr and exit code 2.
 """
@@ -9,7 +9,6 @@ import argparse
 import os
 import re
 import sys
-from pathlib import Path
 
 from nekotune.errors import UserError
 from nekotune.registry import GGUF_TYPES
@@ -56,44 +55,43 @@ def cmd_config_show(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from nekotune.data.check import check_file
+    from nekotune.commands.data import check_command
 
     cfg = _config(args)
-    return check_file(args.file, cfg, model=args.model)
+    return check_command(cfg, args.file, model=args.model)
 
 
 def cmd_chat(args) -> int:
-    from nekotune.chat import run_chat
+    from nekotune.commands.chat import run_chat
 
     cfg = _config(args, default_to_demo=False)
     return run_chat(cfg, args.model, system=args.system)
 
 
 def cmd_ask(args) -> int:
-    from nekotune.chat import ask
+    from nekotune.commands.chat import ask
 
     cfg = _config(args, default_to_demo=False)
     return ask(cfg, args.model, args.question, as_json=args.json, system=args.system)
 
 
 def cmd_predict(args) -> int:
-    from nekotune.evaluate import predict_file
+    from nekotune.commands.chat import predict_command
 
     cfg = _config(args, default_to_demo=False)
-    predict_file(cfg, args.model, args.file, args.out, limit=args.limit)
-    return 0
+    return predict_command(cfg, args.model, args.file, args.out, limit=args.limit)
 
 
 def cmd_eval(args) -> int:
-    from nekotune.evaluate import evaluate_command
+    from nekotune.commands.chat import eval_command
 
     cfg = _config(args, default_to_demo=False)
-    return evaluate_command(cfg, args.model, args.file, out_dir=args.out, baseline=args.baseline,
-                            limit=args.limit, generate=not args.no_generate)
+    return eval_command(cfg, args.model, args.file, out_dir=args.out, baseline=args.baseline,
+                        limit=args.limit, generate=not args.no_generate)
 
 
 def cmd_compare(args) -> int:
-    from nekotune.compare import compare_command
+    from nekotune.commands.chat import compare_command
 
     cfg = _config(args, default_to_demo=False)
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
@@ -109,45 +107,41 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from nekotune.commands import export
+
     cfg = _config(args, default_to_demo=False)
     if args.what == "gguf":
-        from nekotune.commands.export import export_command
-
-        export_command(cfg, args.model, args.out, args.type)
+        export.export_command(cfg, args.model, args.out, args.type)
     elif args.what == "ollama":
-        from nekotune.commands.export import ollama_command
-
-        ollama_command(cfg, args.model, args.out, args.type)
+        export.ollama_command(cfg, args.model, args.out, args.type)
     else:
-        from nekotune.commands.export import verify_command
-
-        return verify_command(cfg, args.file, args.model)
+        return export.verify_command(cfg, args.file, args.model)
     return 0
 
 
 def cmd_serve(args) -> int:
-    from nekotune.serve.api import serve_command
+    from nekotune.commands.serve import serve_command
 
     cfg = _config(args, default_to_demo=False)
     return serve_command(cfg, args)
 
 
 def cmd_ui(args) -> int:
-    from nekotune.ui.app import ui_command
+    from nekotune.commands.ui import ui_command
 
     cfg = _config(args, default_to_demo=False)
     return ui_command(cfg, args)
 
 
 def cmd_estimate(args) -> int:
-    from nekotune.estimate import estimate_command
+    from nekotune.commands.estimate import estimate_command
 
     cfg = _config(args, default_to_demo=False)
     return estimate_command(cfg, args.model, fit=args.fit, as_json=args.json)
 
 
 def cmd_doctor(args) -> int:
-    from nekotune.doctor import doctor_command
+    from nekotune.commands.estimate import doctor_command
 
     return doctor_command(as_json=args.json)
 
@@ -348,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else EXIT_USER
+    from nekotune.commands.console import notes_to_stderr
+
     try:
-        return int(args.func(args) or 0)
+        with notes_to_stderr():
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"nekotune: error: {exc}", file=sys.stderr)
         return EXIT_USER

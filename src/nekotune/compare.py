@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,20 @@ def _svg_curve(points: list[tuple[int, float]], width: int = 480, height: int = 
             f'<text x="4" y="{height - pad}" font-size="11">{y0:.3f}</text></svg>')
 
 
-def compare_command(cfg, models: list[str], prompts_file: str, out_dir: str, limit: int | None = None,
-                    eval_file: str | None = None) -> int:
-    """Every prompt answered by every model (greedy), per-model loss/metrics, one HTML + Markdown."""
-    import gc
-    import html
+@dataclass
+class CompareResult:
+    html: Path
+    markdown: Path
+    json: Path
 
-    from nekotune.evaluate import masked_loss, text_metrics
-    from nekotune.generate import GenSettings, generate_batch
-    from nekotune.io import atomic_write_json, atomic_write_text
-    from nekotune.model import load_for_inference
+
+SCORES = ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")
+
+
+def compare(cfg: Config, models: list[str], prompts_file: str, out_dir: str, limit: int | None = None,
+            eval_file: str | None = None) -> CompareResult:
+    """Every prompt answered by every model (greedy), per-model loss/metrics, one HTML + Markdown."""
+    from nekotune.io import atomic_write_json
 
     if not models:
         raise UserError("--models is empty; give a comma-separated list like base,outputs/run,outputs/run/checkpoints/checkpoint-50")
@@ -103,48 +108,61 @@ def compare_command(cfg, models: list[str], prompts_file: str, out_dir: str, lim
     convs = load_prompts(prompts_file, cfg.data, limit=limit)
     prompts = [c.prompt_part() for c in convs]
     scored = [c for c in (load_prompts(eval_file, cfg.data) if eval_file else convs) if c.reference is not None]
-    rows: dict[str, list[str]] = {}
-    stats: dict[str, dict] = {}
-    base_of_first = None
-    for m in models:
-        if m == "base":
-            if base_of_first is None:
-                first = next((x for x in models if x != "base"), None)
-                from nekotune.model import resolve
-
-                base_of_first = resolve(first).base if first else cfg.model.name_or_path
-            target = base_of_first
-        else:
-            target = m
-        loaded = load_for_inference(cfg, target)
-        settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
-        rows[m] = generate_batch(loaded.model, loaded.renderer, prompts, settings,
-                                 batch_size=loaded.cfg.generate.batch_size)
-        st = masked_loss(loaded.model, loaded.renderer, scored) if scored else {}
-        if scored and len(scored) == len(convs):
-            st.update(text_metrics(rows[m], [c.reference for c in scored]))
-        stats[m] = st
-        del loaded
-        gc.collect()
+    rows, stats = _answers(cfg, models, prompts, scored, all_scored=len(scored) == len(convs))
     curve = _checkpoint_curve([m for m in models if m != "base"])
     out = Path(out_dir)
     atomic_write_json(out / "compare.json", {"models": models, "stats": stats,
                                             "answers": [{"prompt": p.turns[-1].content, **{m: rows[m][i] for m in models}}
                                                         for i, p in enumerate(prompts)], "eval_curve": curve})
-    # Markdown twin
-    md = ["# nekotune compare", "", "| model | " + " | ".join(k for k in ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")) + " |",
-          "|---|---|---|---|---|---|"]
+    _write_reports(out, models, prompts, rows, stats, curve)
+    return CompareResult(out / "report.html", out / "report.md", out / "compare.json")
+
+
+def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored: list[Conversation],
+             all_scored: bool) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Each model loaded in turn (one in memory at a time): its answers and its scores."""
+    import gc
+
+    from nekotune.evaluation import masked_loss, text_metrics
+    from nekotune.generate import GenSettings, generate_batch
+    from nekotune.model import load_for_inference, resolve
+
+    rows: dict[str, list[str]] = {}
+    stats: dict[str, dict] = {}
+    first = next((x for x in models if x != "base"), None)
     for m in models:
-        md.append(f"| {m} | " + " | ".join(_fmt(stats[m].get(k)) for k in ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")) + " |")
+        # "base": the base model of the first other model (or of the config)
+        target = m if m != "base" else (resolve(first).base if first else cfg.model.name_or_path)
+        loaded = load_for_inference(cfg, target)
+        settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
+        rows[m] = generate_batch(loaded.model, loaded.renderer, prompts, settings,
+                                 batch_size=loaded.cfg.generate.batch_size)
+        st = masked_loss(loaded.model, loaded.renderer, scored) if scored else {}
+        if scored and all_scored:
+            st.update(text_metrics(rows[m], [c.reference for c in scored]))
+        stats[m] = st
+        del loaded
+        gc.collect()
+    return rows, stats
+
+
+def _write_reports(out: Path, models: list[str], prompts: list[Conversation], rows: dict, stats: dict,
+                   curve: list) -> None:
+    import html
+
+    from nekotune.io import atomic_write_text
+
+    md = ["# nekotune compare", "", "| model | " + " | ".join(SCORES) + " |", "|---|---|---|---|---|---|"]
+    for m in models:
+        md.append(f"| {m} | " + " | ".join(_fmt(stats[m].get(k)) for k in SCORES) + " |")
     for i, p in enumerate(prompts):
         md += ["", f"## {i + 1}. {p.turns[-1].content}", ""]
         md += [f"- **{m}**: {rows[m][i]}" for m in models]
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
-    # HTML, self-contained
-    esc = html.escape
+    esc = html.escape  # the HTML report: self-contained
     head = "".join(f"<th>{esc(m)}</th>" for m in models)
-    stat_rows = "".join(f"<tr><td>{esc(m)}</td>" + "".join(f"<td>{_fmt(stats[m].get(k))}</td>" for k in
-                        ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")) + "</tr>" for m in models)
+    stat_rows = "".join(f"<tr><td>{esc(m)}</td>" + "".join(f"<td>{_fmt(stats[m].get(k))}</td>" for k in SCORES)
+                        + "</tr>" for m in models)
     body = "".join(f"<tr><td class=p>{esc(p.turns[-1].content)}</td>" + "".join(f"<td>{esc(rows[m][i])}</td>" for m in models)
                    + "</tr>" for i, p in enumerate(prompts))
     svg = _svg_curve(curve)
@@ -156,8 +174,6 @@ td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em;white
 {('<h2>Eval loss over checkpoints</h2>' + svg) if svg else ''}
 <h2>Answers (greedy)</h2><table><tr><th>prompt</th>{head}</tr>{body}</table></body></html>"""
     atomic_write_text(out / "report.html", page)
-    print(f"report: {out / 'report.html'} and {out / 'report.md'}")
-    return 0
 
 
 def _fmt(v) -> str:

@@ -130,6 +130,12 @@ class Config(_Section):
     def _lower(cls, v):
         return v.lower() if isinstance(v, str) else v
 
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "Config":
+        """The effective config of a YAML file and `key=value` overrides, built as the command line
+        builds it (neither given: the built-in demo's, as plain `nekotune train` uses)."""
+        return load_config(path, overrides)
+
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import platform
 import shutil
 import subprocess
@@ -105,33 +104,3 @@ def _advise(info: dict) -> None:
     for name in ("transformers", "peft", "accelerate"):
         if info["packages"][name] is None:
             info["problems"].append(f"{name} is not installed: pip install -e . (or pip install nekotune)")
-
-
-def doctor_command(as_json: bool = False) -> int:
-    info = collect()
-    if as_json:
-        print(json.dumps(info, indent=2))
-    else:
-        _print(info)
-    fatal = info.get("torch") is None or any("not installed" in p for p in info["problems"])
-    return 1 if fatal else 0
-
-
-def _print(info: dict) -> None:
-    from rich.console import Console
-
-    c = Console(highlight=False)
-    c.print(f"[bold]nekotune doctor[/]  Python {info['python']} on {info['platform']}")
-    if info.get("torch"):
-        gpu = ", ".join(f"{g['name']} ({g['memory_gb']} GB)" for g in info["gpus"]) or "none"
-        c.print(f"torch {info['torch']} (CUDA build: {info['cuda_build'] or 'no'}), driver {info['driver'] or '-'}, "
-                f"GPU: {gpu}, MPS: {'yes' if info['mps'] else 'no'}, bf16: {'yes' if info['bf16'] else 'no'}, "
-                f"threads: {info['threads']}")
-    c.print(f"RAM available {info['ram_available_gb']} GB, disk free {info['disk_free_gb']} GB")
-    c.print("packages: " + ", ".join(f"{k} {v or '[dim]missing[/]'}" for k, v in info["packages"].items()))
-    for p in info["problems"]:
-        c.print(f"[red]problem:[/] {p}")
-    for a in info["advice"]:
-        c.print(f"[green]advice:[/] {a}")
-    if not info["problems"]:
-        c.print("[green]ready to train[/]")

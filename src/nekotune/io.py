@@ -76,30 +76,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write_chunks(path, [data])
 
 
-def atomic_write_chunks(path: str | Path, chunks) -> None:
-    """Write an iterable of byte chunks to `path` atomically (large files stream through)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes it private; the result is an ordinary file
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise disk_full_error(path) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def atomic_file(target: Path):
     """A temporary path next to `target`, fsynced and renamed over it on success."""
@@ -122,6 +98,13 @@ def atomic_file(target: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write an iterable of byte chunks to `path` atomically (large files stream through)."""
+    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
 
 
 def read_json(path: str | Path) -> Any:

@@ -51,35 +51,14 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
-
-    # the layout
-    @property
-    def config_file(self) -> Path:
-        return self.dir / "config.yaml"
-
-    @property
-    def run_json(self) -> Path:
-        return self.dir / "run.json"
-
-    @property
-    def adapter(self) -> Path:
-        return self.dir / "adapter"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    @property
-    def loss_plot(self) -> Path:
-        return self.dir / "loss.png"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.dir / "tb"
-
-    @property
-    def name(self) -> str:
-        return self.dir.name
+        self.name = self.dir.name
+        self.config_file = self.dir / "config.yaml"  # the effective config it was trained with
+        self.run_json = self.dir / "run.json"  # data statistics, losses, speed, memory, versions
+        self.adapter = self.dir / "adapter"  # PEFT format, with the tokenizer
+        self.checkpoints = self.dir / "checkpoints"  # checkpoint-N/, each complete once it holds COMPLETE
+        self.loss_plot = self.dir / "loss.png"
+        self.tensorboard = self.dir / "tb"
+        self.lock_file = self.dir / LOCK_FILE
 
     # what is in it
     @property

@@ -57,12 +57,13 @@ def command(fn: F) -> F:
 
 @contextlib.contextmanager
 def progress_bar(*columns: Any, total: int, console: Any = None, transient: bool = True,
-                 ) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar, handed to a stage as its `progress(done, total)` callback."""
+                 description: str = "work") -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar (rich's default columns when none are given), handed to a stage as its
+    `progress(done, total)` callback."""
     from rich.progress import Progress
 
     with Progress(*columns, console=console, transient=transient) as bar:
-        task = bar.add_task("work", total=total)
+        task = bar.add_task(description, total=total)
 
         def update(done: int, new_total: int) -> None:
             bar.update(task, completed=done, total=new_total)

@@ -19,12 +19,13 @@ def merge_command(cfg: Config, model_arg: str | None, out: str, low_memory: bool
                   dtype: str | None = None) -> Path:
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from nekotune.weights.write import merge, size_text
+    from nekotune.api import merge
+    from nekotune.weights.write import size_text
 
     console = _stderr()
     with progress_bar(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       total=0, console=console) as progress:
-        done = merge(cfg, model_arg, out, low_memory=low_memory, dtype=dtype, progress=progress)
+        done = merge(model_arg, out, cfg, low_memory=low_memory, dtype=dtype, progress=progress)
     console.print(f"merged {done.adapter} into {done.base}\n-> {done.out} ({done.shards} shard"
                   f"{'s' if done.shards > 1 else ''}, {size_text(done.bytes)}, {done.dtype}"
                   f"{', low-memory' if done.low_memory else ''})", soft_wrap=True)
@@ -40,11 +41,11 @@ def _gguf_bar(type_name: str, console):
 
 @command
 def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0") -> Path:
-    from nekotune.export.gguf import gguf_file
+    from nekotune.api import export_gguf
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = gguf_file(cfg, model_arg, out, type, progress)
+        done = export_gguf(model_arg, out, type, cfg, progress=progress)
     console.print(f"wrote {done.path} ({done.type}, {done.size}) from {done.source}", soft_wrap=True)
     console.print(f"check it against transformers: nekotune export verify {done.path}"
                   + (f" --model {model_arg}" if model_arg else ""), soft_wrap=True, markup=False)
@@ -53,11 +54,11 @@ def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8
 
 @command
 def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0") -> Path:
-    from nekotune.export.ollama import ollama_dir
+    from nekotune.api import export_ollama
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = ollama_dir(cfg, model_arg, out, type, progress)
+        done = export_ollama(model_arg, out, type, cfg, progress=progress)
     if done.warning:
         console.print(f"[yellow]warning:[/] {done.warning}")
     console.print(f"wrote {done.export.path}/Modelfile and {done.export.gguf.name} ({done.export.type}, "

@@ -74,8 +74,9 @@ def print_before_after(rows: list[tuple[str, str, str]]) -> None:
 
 @command
 def train_command(cfg: Config, rest: list[str], show_progress: bool, samples: bool) -> int:
+    import nekotune.api as api
     from nekotune.compare import before_after
-    from nekotune.training import TrainingInterrupted, train
+    from nekotune.training import TrainingInterrupted
 
     def after(model: Any, renderer: Any, run: Path) -> None:
         if cfg.output.sample_prompts and samples:
@@ -83,7 +84,7 @@ def train_command(cfg: Config, rest: list[str], show_progress: bool, samples: bo
         print(f"\nadapter saved to {run / 'adapter'}; chat with it: nekotune chat --model {run}")
 
     try:
-        train(cfg, show_progress=show_progress, after_train=after, reporter=ConsoleReporter())
+        api.train(cfg, show_progress=show_progress, after_train=after, reporter=ConsoleReporter())
     except TrainingInterrupted as exc:
         where = f"checkpoint {exc.checkpoint}" if exc.checkpoint else "no checkpoint"
         print(f"nekotune: interrupted; saved {where}. Resume with: nekotune train "

@@ -1,92 +1,102 @@
-"""`nekotune data check`: problems by row number before any training starts."""
+"""`nekotune data check`: problems by row number before any training starts (a CheckReport)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from nekotune.data import percentile
-from nekotune.data.formats import FORMATS, detect_format
+from nekotune.data.formats import FORMATS, apply_mapping, detect_format
 from nekotune.data.render import Renderer
-from nekotune.data.sources import read_rows
+from nekotune.data.sources import Row, read_rows
 from nekotune.errors import UserError
 
 MAX_LISTED = 10
 
 
-def _listed(rows: list[str]) -> str:
+def listed(rows: list[str]) -> str:
+    """At most MAX_LISTED row names, and how many more."""
     more = f" and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
     return ", ".join(rows[:MAX_LISTED]) + more
 
 
-def check_file(path: str, cfg, model: str | None = None) -> int:
-    from rich.console import Console
-    from rich.text import Text
+@dataclass
+class CheckReport:
+    path: str
+    rows: int
+    format: str
+    tokenizer: str  # where the tokenizer that measured the lengths came from
+    max_seq_len: int
+    truncation: str
+    lengths: list[int] = field(default_factory=list)  # tokens per usable row, whole (never truncated)
+    over: list[str] = field(default_factory=list)  # rows longer than max_seq_len
+    problems: dict[str, list[str]] = field(default_factory=dict)  # reason -> rows
+    example: list[tuple[str, bool]] | None = None  # (text, trained) pieces of the first usable row
 
-    from nekotune import model as M
-    from nekotune.data.formats import apply_mapping
+    @property
+    def usable(self) -> int:
+        return len(self.lengths)
 
-    console = Console(highlight=False, soft_wrap=True)
-    rows = read_rows(path, split=cfg.data.split, max_rows=cfg.data.max_rows)
+    @property
+    def bad(self) -> int:
+        """Rows that cannot be trained on (duplicates can)."""
+        return sum(len(v) for k, v in self.problems.items() if not k.startswith("duplicate"))
+
+    @property
+    def ok(self) -> bool:
+        return self.usable > 0 and not self.bad
+
+
+def check_file(path: str, data_cfg: Any, tokenizer: Callable[[], tuple[Any, str]]) -> CheckReport:
+    """Every row of `path` converted, rendered and measured as training would. `tokenizer()` gives
+    (tokenizer, where it came from); it is called once the file itself has been read."""
+    rows = read_rows(path, split=data_cfg.split, max_rows=data_cfg.max_rows)
     if not rows:
         raise UserError(f"{path}: no rows; the file is empty")
-    mapped = [apply_mapping(r, cfg.data.columns) for r in rows]
-    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(mapped[0].data)
+    mapped = [apply_mapping(r, data_cfg.columns) for r in rows]
+    fmt = data_cfg.format if data_cfg.format != "auto" else detect_format(mapped[0].data)
     if not fmt:
         raise UserError(f"{rows[0].where}: cannot tell the format from fields {', '.join(map(str, rows[0].data))}; "
                         f"set data.format (one of {', '.join(FORMATS)}) and map columns with data.columns")
-    spec = M.resolve(model or cfg.model.name_or_path)
-    tokenizer = M.load_tokenizer(spec, cfg.model)
-    renderer = Renderer.from_config(tokenizer, cfg.data)
-    convert = FORMATS[fmt]
-    problems: dict[str, list[str]] = {}
+    tok, source = tokenizer()
+    renderer = Renderer.from_config(tok, data_cfg)
+    # whole rows: the report says how long each is before data.max_seq_len cuts it
+    full = Renderer(tok, renderer.system_prompt, renderer.enable_thinking, max_seq_len=10**9,
+                    train_on_prompt=renderer.train_on_prompt, chat_template=renderer.template)
+    report = CheckReport(path, len(rows), fmt, source, data_cfg.max_seq_len, data_cfg.truncation)
+    _scan(report, rows, mapped, FORMATS[fmt], full)
+    return report
+
+
+def _scan(report: CheckReport, rows: list[Row], mapped: list[Row], convert: Callable, full: Renderer) -> None:
     seen: Counter = Counter()
-    first_row: dict[str, str] = {}
-    lengths, over, example = [], [], None
     for raw, row in zip(rows, mapped):
         try:
             conv = convert(row)
         except UserError as exc:
             reason = str(exc).split(": ", 1)[-1].split(";")[0]
-            problems.setdefault(reason, []).append(_short(raw.where))
+            report.problems.setdefault(reason, []).append(_short(raw.where))
             continue
         key = json.dumps(row.data, sort_keys=True, ensure_ascii=False, default=str)
         seen[key] += 1
         if seen[key] == 2:
-            problems.setdefault("duplicate of an earlier row", []).append(_short(raw.where))
-        first_row.setdefault(key, raw.where)
-        full = Renderer(tokenizer, renderer.system_prompt, renderer.enable_thinking, max_seq_len=10**9,
-                        train_on_prompt=renderer.train_on_prompt, chat_template=renderer.template)
+            report.problems.setdefault("duplicate of an earlier row", []).append(_short(raw.where))
         enc = full.encode(conv)
         n = len(enc.input_ids) if enc else 0
-        lengths.append(n)
-        if n > cfg.data.max_seq_len:
-            over.append(_short(raw.where))
-        if example is None and enc is not None:
-            example = full.trained_text(enc)
-    usable = len(lengths)
-    console.print(f"[bold]{path}[/]: {len(rows)} rows, format [bold]{fmt}[/], tokenizer {spec.base}")
-    if lengths:
-        console.print(f"tokens per row: p50 {percentile(lengths, 50)}, p95 {percentile(lengths, 95)}, "
-                      f"max {max(lengths)}; over data.max_seq_len={cfg.data.max_seq_len}: {len(over)}"
-                      + (f" ({_listed(over)}; policy: {cfg.data.truncation})" if over else ""))
-    for reason, where in problems.items():
-        console.print(f"[yellow]{len(where)} rows[/]: {reason}: {_listed(where)}")
-    if example:
-        console.print("\nexample as the model sees it ([green]green[/] = trained tokens):")
-        text = Text()
-        for piece, trained in example:
-            text.append(piece, style="green" if trained else "dim")
-        console.print(text)
-    bad = sum(len(v) for k, v in problems.items() if not k.startswith("duplicate"))
-    if usable == 0:
-        console.print("[red]no row can be trained on[/]")
-        return 2
-    if bad:
-        console.print(f"[red]{bad} rows cannot be trained on[/]; fix them (or delete them) before training")
-        return 2
-    console.print("[green]ok[/]: ready to train")
-    return 0
+        report.lengths.append(n)
+        if n > report.max_seq_len:
+            report.over.append(_short(raw.where))
+        if report.example is None and enc is not None:
+            report.example = full.trained_text(enc)
+
+
+def length_summary(report: CheckReport) -> str:
+    lengths = report.lengths
+    return (f"tokens per row: p50 {percentile(lengths, 50)}, p95 {percentile(lengths, 95)}, max {max(lengths)}; "
+            f"over data.max_seq_len={report.max_seq_len}: {len(report.over)}"
+            + (f" ({listed(report.over)}; policy: {report.truncation})" if report.over else ""))
 
 
 def _short(where: str) -> str:

@@ -18,9 +18,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -34,7 +31,7 @@ from nekotune.generate import GenSettings, stream
 from nekotune.serve.limits import (ChatRequest, CompletionRequest, DeclaredLength, OpenAIError, StopScanner,
                                    bad_request, check_chat, check_common, check_completion, check_prompt_chars,
                                    to_conversation)
-from nekotune.serve.pool import Entry, ModelPool, load_pool, parse_adapter_args
+from nekotune.serve.pool import Entry, ModelPool
 
 log = logging.getLogger("nekotune.serve")
 
@@ -42,7 +39,6 @@ DISCONNECT_POLL_S = 0.25
 DEFAULT_MAX_BODY = 8 * 2**20
 DEFAULT_MAX_QUEUE = 64
 RETRY_AFTER_S = 1
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 # -- generation ------------------------------------------------------------------------------
@@ -305,20 +301,28 @@ def _streaming_response(body):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def chat_completions(server: Server, req: ChatRequest, request, admission: Admission):
+async def _admit(server: Server, prepare_fn, req, admission: Admission, prefix: str):
+    """Check and tokenize in a thread, then take a place in line: (prepared, response id, created)."""
     import anyio
 
-    gen = await anyio.to_thread.run_sync(_prepare_chat, server, req)
+    prepared = await anyio.to_thread.run_sync(prepare_fn, server, req)
     admission.enter()
-    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    return prepared, f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+
+def _stream(server: Server, gen: Generation, chunk, first: dict | None, req):
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return _streaming_response(_event_stream(server, gen, chunk, first, include_usage))
+
+
+async def chat_completions(server: Server, req: ChatRequest, request, admission: Admission):
+    gen, rid, created = await _admit(server, _prepare_chat, req, admission, "chatcmpl")
     if req.stream:
         def chunk(delta, finish=None):
             return _chat_chunk(rid, created, req.model, delta if isinstance(delta, dict) else
                                ({"content": delta} if delta is not None else {}), finish)
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _streaming_response(_event_stream(server, gen, chunk, {"role": "assistant", "content": ""},
-                                                 include_usage))
+        return _stream(server, gen, chunk, {"role": "assistant", "content": ""}, req)
     await _run_or_fail(gen, request)
     return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
@@ -327,17 +331,12 @@ async def chat_completions(server: Server, req: ChatRequest, request, admission:
 
 
 async def completions(server: Server, req: CompletionRequest, request, admission: Admission):
-    import anyio
-
-    gens = await anyio.to_thread.run_sync(_prepare_completions, server, req)
-    admission.enter()
-    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    gens, rid, created = await _admit(server, _prepare_completions, req, admission, "cmpl")
     if req.stream:
         def chunk(text, finish=None):
             return _completion_chunk(rid, created, req.model, text or "", finish)
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _streaming_response(_event_stream(server, gens[0], chunk, None, include_usage))
+        return _stream(server, gens[0], chunk, None, req)
     for gen in gens:
         await _run_or_fail(gen, request)
     usage = {k: sum(g.usage()[k] for g in gens) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
@@ -424,7 +423,7 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int
 
     `host` is the address it will be served on: the Host check answers that name (and the
     loopback names when it is loopback), plus `allow_hosts`."""
-    from fastapi import APIRouter, FastAPI
+    from fastapi import FastAPI
 
     from nekotune.serve.guard import HostGuard, host_policy
 
@@ -450,6 +449,23 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(DeclaredLength, max_body=max_body)
     app.add_middleware(HostGuard, policy=policy)  # added last: runs first
+    app.include_router(_v1_routes(server, api_key, max_body))
+
+    @app.get("/health")
+    async def health():
+        # No model names here: /health answers without the API key.
+        return {"status": "ok", "active": server.active, "waiting": server.waiting, "completed": server.completed,
+                "cancelled": server.cancelled, "max_concurrency": server.max_concurrency,
+                "max_queue": server.max_queue}
+
+    return app
+
+
+def _v1_routes(server: Server, api_key: str | None, max_body: int):
+    """The OpenAI routes, behind the API key."""
+    from fastapi import APIRouter
+
+    pool = server.pool
     # FastAPI counts the body as it arrives (chunked bodies too); on the router, inside
     # DeclaredLength, so every 413 is answered in OpenAI's shape.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))], max_body_size=max_body)
@@ -473,63 +489,4 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int
     async def complete(req: CompletionRequest, request: Request, place: Admission = place_in_line):
         return await completions(server, req, request, place)
 
-    app.include_router(v1)
-
-    @app.get("/health")
-    async def health():
-        # No model names here: /health answers without the API key.
-        return {"status": "ok", "active": server.active, "waiting": server.waiting, "completed": server.completed,
-                "cancelled": server.cancelled, "max_concurrency": server.max_concurrency,
-                "max_queue": server.max_queue}
-
-    return app
-
-
-# -- `nekotune serve` ------------------------------------------------------------------------
-def _check_port_free(host: str, port: int) -> None:
-    """Say so before a minute of model loading, not after."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
-                            f"or stop what uses it") from None
-
-
-def _model_arg(args) -> str | None:
-    pos, opt = getattr(args, "model_pos", None), getattr(args, "model", None)
-    if pos and opt and pos != opt:
-        raise UserError(f"two models given ({pos} and --model {opt}); give one")
-    return pos or opt
-
-
-def serve_command(cfg, args) -> int:
-    import uvicorn
-
-    from nekotune.serve.guard import host_policy
-
-    api_key = args.api_key or os.environ.get("NEKOTUNE_API_KEY") or None
-    cors = [o.strip() for o in (args.cors or "").split(",") if o.strip()] or None
-    adapters = parse_adapter_args(args.adapter)
-    if args.max_concurrency < 1 or args.max_tokens_cap < 1 or args.max_body < 1 or args.max_queue < 0:
-        raise UserError("--max-concurrency, --max-tokens-cap and --max-body must be at least 1, "
-                        "--max-queue at least 0")
-    host_policy(args.host, args.allow_host, cors or [])  # a bad --allow-host is refused before loading
-    _check_port_free(args.host, args.port)
-    pool = load_pool(cfg, _model_arg(args), adapters)
-    app = create_app(pool, api_key=api_key, max_concurrency=args.max_concurrency,
-                     max_tokens_cap=args.max_tokens_cap, cors_origins=cors, host=args.host,
-                     allow_hosts=args.allow_host, max_body=args.max_body, max_queue=args.max_queue)
-    if args.api_key:
-        print("nekotune serve: note: --api-key is visible to every user of this machine (ps, shell history); "
-              "set NEKOTUNE_API_KEY instead", file=sys.stderr)
-    if not api_key and args.host not in LOOPBACK:
-        print(f"nekotune serve: warning: listening on {args.host} without an API key; anyone who can reach "
-              f"this port can use it (set NEKOTUNE_API_KEY)", file=sys.stderr)
-    print(f"nekotune serve: models {', '.join(pool.names)} (context {pool.context_length} tokens)\n"
-          f"  OpenAI base URL: http://{args.host}:{args.port}/v1"
-          f"{'  (API key required)' if api_key else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return v1

@@ -10,8 +10,8 @@ adapter, so no name starves.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
-import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from pathlib import Path
 from nekotune.data.render import Renderer
 from nekotune.errors import UserError
 from nekotune.generate import GenSettings
+
+log = logging.getLogger(__name__)
 
 # Names are what clients send as `model`; paths and traversal are refused so that a name can
 # never be mistaken for (or smuggle in) a file system location.
@@ -209,8 +211,8 @@ def load_pool(cfg, model_arg: str | None, adapters: list[tuple[str, str]]) -> Mo
         if name in {e.name for e in entries} or name == BASE_ALIAS:
             raise UserError(f"model name {name!r} is used twice; give each --adapter its own NAME")
         if not _same_base(aspec.base, spec.base):
-            print(f"nekotune serve: warning: adapter {name} was trained on {aspec.base}, served on {spec.base}",
-                  file=sys.stderr)
+            log.warning("nekotune serve: warning: adapter %s was trained on %s, served on %s", name, aspec.base,
+                        spec.base)
         model = _add_adapter(model, aspec, internal=f"adapter{i}")
         ecfg = effective_config(cfg, aspec)
         entries.append(Entry(name, f"adapter{i}", _renderer(tokenizer, ecfg), GenSettings.from_config(ecfg.generate),

@@ -21,7 +21,6 @@ ATTENTION_NAME = "nekotune_packed_sdpa"
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     import torch
-    import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")

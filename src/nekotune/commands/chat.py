@@ -1,4 +1,5 @@
-"""`nekotune chat` (interactive, streaming, multi-turn) and `nekotune ask` (one answer)."""
+"""`nekotune chat` (interactive, streaming, multi-turn), `nekotune ask` (one answer), and the
+commands that print what predict, eval and compare wrote."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import threading
 
 from nekotune.data.formats import Conversation, Turn
 from nekotune.generate import GenSettings, generate, stream
+from nekotune.commands.console import command, progress_bar
+from nekotune.config import Config
 from nekotune.model import load_for_inference
 
 HELP = """commands:
@@ -22,7 +25,8 @@ SETTING_TYPES = {"max_new_tokens": int, "temperature": float, "top_p": float, "t
                  "repetition_penalty": float, "seed": int}
 
 
-def run_chat(cfg, model_arg: str | None, system: str | None = None, stdin=None, stdout=None) -> int:
+@command
+def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
     loaded = load_for_inference(cfg, model_arg)
@@ -105,7 +109,8 @@ def _slash(text: str, conv: Conversation, settings: GenSettings, out):
     return conv, settings
 
 
-def ask(cfg, model_arg: str | None, question: str, as_json: bool = False, system: str | None = None) -> int:
+@command
+def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False, system: str | None = None) -> int:
     from nekotune.errors import UserError
 
     if not question.strip():
@@ -118,4 +123,35 @@ def ask(cfg, model_arg: str | None, question: str, as_json: bool = False, system
         print(json.dumps({"model": loaded.spec.label, "question": question, "answer": answer}, ensure_ascii=False))
     else:
         print(answer)
+    return 0
+
+
+@command
+def predict_command(cfg: Config, model_arg: str | None, file: str, out: str, limit: int | None = None) -> int:
+    from nekotune.api import predict
+
+    with progress_bar(total=0, description="predict") as progress:
+        done = predict(model_arg, file, out, cfg, limit=limit, progress=progress)
+    print(f"{len(done.rows)} predictions written to {out}")
+    return 0
+
+
+@command
+def eval_command(cfg: Config, model_arg: str | None, file: str, out_dir: str | None = None, baseline: bool = False,
+                 limit: int | None = None, generate: bool = True) -> int:
+    from nekotune.api import evaluate
+
+    done = evaluate(model_arg, file, cfg, out=out_dir, baseline=baseline, limit=limit, generate=generate)
+    print(done.summary)
+    print(f"written: {done.json_path}, {done.summary_path}")
+    return 0
+
+
+@command
+def compare_command(cfg: Config, models: list[str], prompts_file: str, out_dir: str, limit: int | None = None,
+                    eval_file: str | None = None) -> int:
+    from nekotune.api import compare
+
+    done = compare(models, prompts_file, out_dir, cfg, limit=limit, eval_file=eval_file)
+    print(f"report: {done.html} and {done.markdown}")
     return 0

@@ -7,7 +7,6 @@ allocator slack) are measured and checked by bench/estimate_memory.py.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -317,8 +316,18 @@ def overrides_for(s: Settings) -> list[str]:
     return out
 
 
-# -- the command -------------------------------------------------------------------------------
-def estimate_command(cfg, model_arg: str | None, fit: str | None = None, as_json: bool = False) -> int:
+# -- the stage -------------------------------------------------------------------------------
+@dataclass
+class MemoryReport:
+    arch: Arch
+    settings: Settings
+    estimate: Estimate
+    result: dict  # what `nekotune estimate --json` prints
+
+
+def estimate_training(cfg, model_arg: str | None, fit_to: str | None = None) -> MemoryReport:
+    """Peak training memory of `cfg` on the model `model_arg` names (default: the config's), and
+    with `fit_to` (a size like 8GB, or auto on a GPU) the fastest settings that fit it."""
     name = model_arg or cfg.model.name_or_path
     raw, source = read_model_config(name)
     arch = Arch.from_config(raw, name=name)
@@ -331,44 +340,11 @@ def estimate_command(cfg, model_arg: str | None, fit: str | None = None, as_json
               "lora_params": lora_params(arch, s.lora_r, s.targets, s.dora), "estimate": est.to_dict(),
               "plain_hf_loss_logits_mb": round(plain_loss_logits_mb(arch, s), 1),
               "inference_mb": {k: round(v, 1) for k, v in inference_mb(arch).items()}}
-    if fit:
-        budget = gpu_memory_mb() if fit.strip().lower() == "auto" else parse_size(fit)
-        found = globals()["fit"](arch, s, budget)
+    if fit_to:
+        budget = gpu_memory_mb() if fit_to.strip().lower() == "auto" else parse_size(fit_to)
+        found = fit(arch, s, budget)
         result["fit"] = ({"budget_mb": round(budget), "settings": asdict(found[0]), "total_mb": round(found[1].total_mb, 1),
                           "overrides": overrides_for(found[0])} if found else
                          {"budget_mb": round(budget), "settings": None,
                           "message": "nothing fits: use a smaller model, or more GPUs with FSDP (docs/distributed.md)"})
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return 0
-    _print(arch, s, est, result)
-    return 0
-
-
-def _print(arch: Arch, s: Settings, est: Estimate, result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False)
-    what = "QLoRA 4-bit" if s.quant4 else f"LoRA, base in {'fp32' if s.weight_bytes == 4 else 'bf16'}"
-    console.print(f"[bold]{result['model']}[/]: {arch.params / 1e9:.2f}B parameters, {result['lora_params']:,} LoRA "
-                  f"parameters (r={s.lora_r}); {what} on {s.device}; batch {s.batch} x {s.seq} tokens"
-                  f"{', gradient checkpointing' if s.grad_ckpt else ''}")
-    table = Table(title="peak training memory")
-    table.add_column("item")
-    table.add_column("MB", justify="right")
-    for k, v in est.items.items():
-        table.add_row(k, f"{v:,.0f}")
-    table.add_row("[bold]total[/]", f"[bold]{est.total_mb:,.0f}[/] ({est.total_mb / 1024:.1f} GB)")
-    console.print(table)
-    console.print(f"a plain transformers loss would hold {result['plain_hf_loss_logits_mb']:,.0f} MB of fp32 logits "
-                  f"here; nekotune's chunked loss holds {est.items['logits + loss']:,.0f} MB")
-    inf = result["inference_mb"]
-    console.print("inference (2048-token context): " + ", ".join(f"{k} {v / 1024:.1f} GB" for k, v in inf.items()))
-    if "fit" in result:
-        f = result["fit"]
-        if f["settings"] is None:
-            console.print(f"[red]--fit {f['budget_mb'] / 1024:.1f} GB: {f['message']}[/]")
-        else:
-            console.print(f"[green]fits {f['budget_mb'] / 1024:.1f} GB[/] ({f['total_mb'] / 1024:.1f} GB): "
-                          + " ".join(f["overrides"]))
+    return MemoryReport(arch, s, est, result)

@@ -1,4 +1,4 @@
-"""Evaluation: masked loss and perplexity (as in training), BLEU-4, ROUGE-1/2/L and chrF.
+"""Evaluation and prediction: masked loss and perplexity (as in training), BLEU-4, ROUGE-1/2/L and chrF.
 
 Chinese is segmented with jieba for BLEU/ROUGE (sacrebleu's "zh" tokenizer for BLEU), and chrF
 works on characters, so scores on Chinese answers are meaningful rather than near zero.
@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from nekotune.config import Config
 from nekotune.data import load_conversations
 from nekotune.data.formats import Conversation
 from nekotune.errors import UserError
@@ -82,7 +85,7 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict:
             **{k: round(100 * v / n, 3) for k, v in sums.items()}}
 
 
-# -- commands --------------------------------------------------------------------------------
+# -- the stages ----------------------------------------------------------------------------------
 def _rows_with_references(convs: list[Conversation]) -> list[Conversation]:
     return [c for c in convs if c.reference is not None]
 
@@ -101,8 +104,18 @@ def evaluate_model(model, renderer, convs, settings, limit: int | None, generate
     return result
 
 
-def evaluate_command(cfg, model_arg, file: str, out_dir: str | None = None, baseline: bool = False,
-                     limit: int | None = None, generate: bool = True) -> int:
+@dataclass
+class EvalResult:
+    results: dict  # {"model", "file", "tuned": {...}, "base": {...} with a baseline}
+    json_path: Path  # eval_results.json
+    summary_path: Path  # summary.md
+    summary: str  # its Markdown table
+
+
+def evaluate(cfg: Config, model_arg: str | None, file: str, out_dir: str | None = None, baseline: bool = False,
+             limit: int | None = None, generate: bool = True) -> EvalResult:
+    """Loss and perplexity on every row with an answer, and the text metrics on the first `limit`
+    (default 50) rows' greedy answers; written to `out_dir` (default <run>/eval)."""
     from nekotune.generate import GenSettings
     from nekotune.model import load_for_inference
 
@@ -125,9 +138,7 @@ def evaluate_command(cfg, model_arg, file: str, out_dir: str | None = None, base
     atomic_write_json(out / "eval_results.json", results)
     summary = summary_markdown(results)
     atomic_write_text(out / "summary.md", summary)
-    print(summary)
-    print(f"written: {out / 'eval_results.json'}, {out / 'summary.md'}")
-    return 0
+    return EvalResult(results, out / "eval_results.json", out / "summary.md", summary)
 
 
 METRICS = ["eval_loss", "perplexity", "bleu4", "rouge1", "rouge2", "rougeL", "chrf"]
@@ -148,9 +159,15 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def predict_file(cfg, model_arg, file: str, out: str, limit: int | None = None) -> None:
-    from rich.progress import Progress
+@dataclass
+class PredictResult:
+    out: Path
+    rows: list[dict]  # {"prompt", "prediction", "reference" when the row has one}
 
+
+def predict(cfg: Config, model_arg: str | None, file: str, out: str, limit: int | None = None,
+            progress: Callable[[int, int], None] | None = None) -> PredictResult:
+    """One answer per row of `file`, written as JSON lines to `out`; `progress(done, total)` counts rows."""
     from nekotune.generate import GenSettings, generate_batch
     from nekotune.model import load_for_inference
 
@@ -159,16 +176,21 @@ def predict_file(cfg, model_arg, file: str, out: str, limit: int | None = None) 
     convs = convs[:limit] if limit else convs
     settings = GenSettings.from_config(loaded.cfg.generate)
     prompts = [c.prompt_part() for c in convs]
-    with Progress(transient=True) as progress:
-        task = progress.add_task("predict", total=len(prompts))
-        preds = generate_batch(loaded.model, loaded.renderer, prompts, settings,
-                               batch_size=loaded.cfg.generate.batch_size,
-                               on_batch=lambda n: progress.advance(task, n))
-    lines = []
+    done = 0
+
+    def one_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(prompts))
+
+    preds = generate_batch(loaded.model, loaded.renderer, prompts, settings,
+                           batch_size=loaded.cfg.generate.batch_size, on_batch=one_batch)
+    rows = []
     for conv, prompt, pred in zip(convs, prompts, preds):
         row = {"prompt": prompt.turns[-1].content if prompt.turns else "", "prediction": pred}
         if conv.reference is not None:
             row["reference"] = conv.reference
-        lines.append(json.dumps(row, ensure_ascii=False))
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    print(f"{len(lines)} predictions written to {out}")
+        rows.append(row)
+    atomic_write_text(out, "\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n")
+    return PredictResult(Path(out), rows)
