@@ -64,7 +64,8 @@ def one_step(length: int, how: str) -> float:
 
 
 def check_equal() -> float:
-    q, k, v = torch.randn(1, HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM)
+    q = torch.randn(1, HEADS, 100, HEAD_DIM)
+    k, v = torch.randn(1, KV_HEADS, 100, HEAD_DIM), torch.randn(1, KV_HEADS, 100, HEAD_DIM)
     return (grouped_matmul_attention(q, k, v) - flash(q, k, v)).abs().max().item()
 
 

@@ -45,8 +45,8 @@ def build_tiny(root: Path) -> Path:
 
 
 def synthetic_rows(path: Path, n: int) -> None:
-    rows = [{"instruction": f"Tell me a long story number {i}.", "output": ("The cat sat in the sun and purred. " * 200)}
-            for i in range(n)]
+    story = "The cat sat in the sun and purred. " * 200
+    rows = [{"instruction": f"Tell me a long story number {i}.", "output": story} for i in range(n)]
     path.write_text(json.dumps(rows))
 
 

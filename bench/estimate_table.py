@@ -19,7 +19,8 @@ def gb(settings: Settings, arch: Arch) -> float:
 
 
 def table() -> str:
-    lines = ["| model | params | LoRA 512 | LoRA 2048 | QLoRA 512 | QLoRA 2048 | seeds' rule LoRA / QLoRA | inference bf16 / 4-bit |",
+    lines = ["| model | params | LoRA 512 | LoRA 2048 | QLoRA 512 | QLoRA 2048 | seeds' rule LoRA / QLoRA "
+             "| inference bf16 / 4-bit |",
              "|---|---|---|---|---|---|---|---|"]
     for name in MODELS:
         arch = Arch.from_config(json.loads((CONFIGS / name / "config.json").read_text()), name)

@@ -41,8 +41,8 @@ def child(base: str, adapter: str, out: str, low_memory: bool) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from nekotune.config import load_config
     from nekotune.commands.export import merge_command
+    from nekotune.config import load_config
 
     reset_peak()  # imports peak above where they settle; only the merge's own peak counts
     baseline = rss_mb()

@@ -459,8 +459,8 @@ def machine() -> dict:
         model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), model)
     except OSError:
         pass
-    return {"cpu": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "python": platform.python_version()}
+    return {"cpu": model, "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags, "python": platform.python_version()}
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -586,7 +586,8 @@ def markdown(s: dict) -> str:
                          f"{r['not_run'].replace('|', '/')} | | | | | | | | | | {setup_s} |")
             continue
         lines.append(f"| {r['row']} | {r['tool']} | {r.get('precision', '-')} | {fmt(r.get('tokens_per_second'), 1)} | "
-                     f"{fmt(r.get('train_seconds'), 1)} | {fmt(r.get('wall_seconds'), 1)} | {fmt(r.get('peak_rss_mb'))} | "
+                     f"{fmt(r.get('train_seconds'), 1)} | {fmt(r.get('wall_seconds'), 1)} | "
+                     f"{fmt(r.get('peak_rss_mb'))} | "
                      f"{fmt(r.get('final_loss'), 3)} | {fmt(r.get('eval_loss'), 3)} | "
                      f"{fmt(r.get('tokens_per_second_vs_b'))} | {fmt(r.get('wall_vs_b'))} | "
                      f"{fmt(r.get('peak_rss_vs_b'))} | {fmt(r.get('mfu'), 3)} | {setup_s} |")

@@ -12,11 +12,10 @@ checkpointing (train_CAT turns it on to save GPU memory; on CPU it only costs ti
 """
 
 import torch
+from common import conversations, job, make_callback, report, rows
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-
-from common import conversations, job, make_callback, report, rows
 
 
 def load_data(json_path):

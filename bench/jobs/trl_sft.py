@@ -9,11 +9,10 @@ defaults besides r, alpha and the target modules (no dropout).
     python bench/jobs/trl_sft.py <job.json>     (written by bench/train_bench.py)
 """
 
+from common import conversations, job, make_callback, report, rows
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
-
-from common import conversations, job, make_callback, report, rows
 
 cfg = job()
 data = Dataset.from_list([{"messages": m} for m in conversations(rows(cfg["train_file"]))])

@@ -12,11 +12,10 @@ checkpointing. Unsloth's CPU path trains on the whole rendered conversation, lik
 from common import conversations, job, make_callback, report, rows
 
 cfg = job()
-from unsloth import FastLanguageModel  # noqa: E402  (Unsloth must be imported before transformers)
-
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+from unsloth import FastLanguageModel  # noqa: E402  (Unsloth must be imported before transformers)
 
 bf16 = cfg["precision"] == "bf16"
 model, tok = FastLanguageModel.from_pretrained(cfg["model"], max_seq_length=cfg["max_len"], load_in_4bit=False,

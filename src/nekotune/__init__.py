@@ -18,8 +18,25 @@ __all__ = ["Config", "Model", "Run", "UserError", "__version__", "check_data", "
 API = frozenset(__all__) - {"__version__"}
 
 if TYPE_CHECKING:
-    from nekotune.api import (Config, Model, Run, UserError, check_data, compare, doctor, estimate, evaluate,
-                              export_gguf, export_ollama, load, load_config, merge, predict, train, verify)
+    from nekotune.api import (
+        Config,
+        Model,
+        Run,
+        UserError,
+        check_data,
+        compare,
+        doctor,
+        estimate,
+        evaluate,
+        export_gguf,
+        export_ollama,
+        load,
+        load_config,
+        merge,
+        predict,
+        train,
+        verify,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -38,7 +38,7 @@ def _config(args, default_to_demo: bool = True):
 
 
 # -- commands --------------------------------------------------------------------------------
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     from nekotune.commands.train import launch_torchrun, train_command
 
     if args.nproc and args.nproc > 1:
@@ -48,41 +48,41 @@ def cmd_train(args) -> int:
                          or args.progress, samples=not args.no_samples)
 
 
-def cmd_config_show(args) -> int:
+def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = _config(args)
     print(cfg.to_yaml(), end="")
     return 0
 
 
-def cmd_data_check(args) -> int:
+def cmd_data_check(args: argparse.Namespace) -> int:
     from nekotune.commands.data import check_command
 
     cfg = _config(args)
     return check_command(cfg, args.file, model=args.model)
 
 
-def cmd_chat(args) -> int:
+def cmd_chat(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import run_chat
 
     cfg = _config(args, default_to_demo=False)
     return run_chat(cfg, args.model, system=args.system)
 
 
-def cmd_ask(args) -> int:
+def cmd_ask(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import ask
 
     cfg = _config(args, default_to_demo=False)
     return ask(cfg, args.model, args.question, as_json=args.json, system=args.system)
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import predict_command
 
     cfg = _config(args, default_to_demo=False)
     return predict_command(cfg, args.model, args.file, args.out, limit=args.limit)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import eval_command
 
     cfg = _config(args, default_to_demo=False)
@@ -90,7 +90,7 @@ def cmd_eval(args) -> int:
                         limit=args.limit, generate=not args.no_generate)
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import compare_command
 
     cfg = _config(args, default_to_demo=False)
@@ -98,7 +98,7 @@ def cmd_compare(args) -> int:
     return compare_command(cfg, models, args.prompts, args.out, limit=args.limit, eval_file=args.eval_file)
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(args: argparse.Namespace) -> int:
     from nekotune.commands.export import merge_command
 
     cfg = _config(args, default_to_demo=False)
@@ -106,7 +106,7 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     from nekotune.commands import export
 
     cfg = _config(args, default_to_demo=False)
@@ -119,28 +119,28 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     from nekotune.commands.serve import serve_command
 
     cfg = _config(args, default_to_demo=False)
     return serve_command(cfg, args)
 
 
-def cmd_ui(args) -> int:
+def cmd_ui(args: argparse.Namespace) -> int:
     from nekotune.commands.ui import ui_command
 
     cfg = _config(args, default_to_demo=False)
     return ui_command(cfg, args)
 
 
-def cmd_estimate(args) -> int:
+def cmd_estimate(args: argparse.Namespace) -> int:
     from nekotune.commands.estimate import estimate_command
 
     cfg = _config(args, default_to_demo=False)
     return estimate_command(cfg, args.model, fit=args.fit, as_json=args.json)
 
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     from nekotune.commands.estimate import doctor_command
 
     return doctor_command(as_json=args.json)

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from nekotune.config import Config
-
 from nekotune.data.formats import Conversation, Turn
 from nekotune.errors import UserError
 
 
-def load_prompts(source, data_cfg, limit: int | None = None) -> list[Conversation]:
+def load_prompts(source: Any, data_cfg: Any, limit: int | None = None) -> list[Conversation]:
     """Prompts from a list of strings, a .txt file (one per line) or any supported dataset."""
     if isinstance(source, list):
         convs = [Conversation(turns=[Turn("user", str(p))], where=f"prompt {i}") for i, p in enumerate(source, 1)]
@@ -101,7 +100,8 @@ def compare(cfg: Config, models: list[str], prompts_file: str, out_dir: str, lim
     from nekotune.io import atomic_write_json
 
     if not models:
-        raise UserError("--models is empty; give a comma-separated list like base,outputs/run,outputs/run/checkpoints/checkpoint-50")
+        raise UserError("--models is empty; give a comma-separated list like "
+                        "base,outputs/run,outputs/run/checkpoints/checkpoint-50")
     for m in models:
         if m != "base" and not Path(m).exists() and m.startswith((".", "/", "outputs")):
             raise UserError(f"model {m} not found")
@@ -111,9 +111,8 @@ def compare(cfg: Config, models: list[str], prompts_file: str, out_dir: str, lim
     rows, stats = _answers(cfg, models, prompts, scored, all_scored=len(scored) == len(convs))
     curve = _checkpoint_curve([m for m in models if m != "base"])
     out = Path(out_dir)
-    atomic_write_json(out / "compare.json", {"models": models, "stats": stats,
-                                            "answers": [{"prompt": p.turns[-1].content, **{m: rows[m][i] for m in models}}
-                                                        for i, p in enumerate(prompts)], "eval_curve": curve})
+    answers = [{"prompt": p.turns[-1].content, **{m: rows[m][i] for m in models}} for i, p in enumerate(prompts)]
+    atomic_write_json(out / "compare.json", {"models": models, "stats": stats, "answers": answers, "eval_curve": curve})
     _write_reports(out, models, prompts, rows, stats, curve)
     return CompareResult(out / "report.html", out / "report.md", out / "compare.json")
 
@@ -139,7 +138,7 @@ def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored
                                  batch_size=loaded.cfg.generate.batch_size)
         st = masked_loss(loaded.model, loaded.renderer, scored) if scored else {}
         if scored and all_scored:
-            st.update(text_metrics(rows[m], [c.reference for c in scored]))
+            st.update(text_metrics(rows[m], [c.reference or "" for c in scored]))
         stats[m] = st
         del loaded
         gc.collect()
@@ -163,16 +162,19 @@ def _write_reports(out: Path, models: list[str], prompts: list[Conversation], ro
     head = "".join(f"<th>{esc(m)}</th>" for m in models)
     stat_rows = "".join(f"<tr><td>{esc(m)}</td>" + "".join(f"<td>{_fmt(stats[m].get(k))}</td>" for k in SCORES)
                         + "</tr>" for m in models)
-    body = "".join(f"<tr><td class=p>{esc(p.turns[-1].content)}</td>" + "".join(f"<td>{esc(rows[m][i])}</td>" for m in models)
-                   + "</tr>" for i, p in enumerate(prompts))
+    body = "".join(f"<tr><td class=p>{esc(p.turns[-1].content)}</td>"
+                   + "".join(f"<td>{esc(rows[m][i])}</td>" for m in models) + "</tr>" for i, p in enumerate(prompts))
     svg = _svg_curve(curve)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>nekotune compare</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}
-td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em;white-space:pre-wrap}}td.p{{font-weight:bold}}</style>
-</head><body><h1>nekotune compare</h1>
-<h2>Scores</h2><table><tr><th>model</th><th>eval loss</th><th>perplexity</th><th>BLEU-4</th><th>ROUGE-L</th><th>chrF</th></tr>{stat_rows}</table>
-{('<h2>Eval loss over checkpoints</h2>' + svg) if svg else ''}
-<h2>Answers (greedy)</h2><table><tr><th>prompt</th>{head}</tr>{body}</table></body></html>"""
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>nekotune compare</title>\n'
+        f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:2em}}\n"
+        f"td,th{{border:1px solid #ccc;padding:6px;vertical-align:top;max-width:28em;white-space:pre-wrap}}"
+        f"td.p{{font-weight:bold}}</style>\n"
+        "</head><body><h1>nekotune compare</h1>\n"
+        f"<h2>Scores</h2><table><tr><th>model</th><th>eval loss</th><th>perplexity</th><th>BLEU-4</th><th>ROUGE-L</th>"
+        f"<th>chrF</th></tr>{stat_rows}</table>\n"
+        f"{('<h2>Eval loss over checkpoints</h2>' + svg) if svg else ''}\n"
+        f"<h2>Answers (greedy)</h2><table><tr><th>prompt</th>{head}</tr>{body}</table></body></html>")
     atomic_write_text(out / "report.html", page)
 
 

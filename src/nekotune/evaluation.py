@@ -11,26 +11,27 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from nekotune.config import Config
 from nekotune.data import load_conversations
 from nekotune.data.formats import Conversation
 from nekotune.errors import UserError
+from nekotune.generate import GenSettings
 from nekotune.io import atomic_write_json, atomic_write_text
 
 CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 
 # -- loss ------------------------------------------------------------------------------------
-def masked_loss(model, renderer, convs: list[Conversation], batch_size: int = 8) -> dict:
+def masked_loss(model: Any, renderer: Any, convs: list[Conversation], batch_size: int = 8) -> dict:
     """Token-weighted mean cross-entropy over trained (assistant) tokens, exactly as in training."""
     import torch
 
     from nekotune.data.collate import flatten_batch
     from nekotune.generate import autocast_for
-    from nekotune.training.speed import use_packed_attention
     from nekotune.training.loss import trained_positions_loss
+    from nekotune.training.speed import use_packed_attention
 
     encoded = [e for e in (renderer.encode(c) for c in convs) if e is not None]
     if not encoded:
@@ -90,14 +91,15 @@ def _rows_with_references(convs: list[Conversation]) -> list[Conversation]:
     return [c for c in convs if c.reference is not None]
 
 
-def evaluate_model(model, renderer, convs, settings, limit: int | None, generate: bool, batch_size: int) -> dict:
+def evaluate_model(model: Any, renderer: Any, convs: list[Conversation], settings: GenSettings, limit: int | None,
+                   generate: bool, batch_size: int) -> dict:
     from nekotune.generate import generate_batch
 
     result = masked_loss(model, renderer, convs, batch_size=batch_size)
     if generate:
         sample = convs[:limit] if limit else convs
         preds = generate_batch(model, renderer, [c.prompt_part() for c in sample], settings, batch_size=batch_size)
-        result.update(text_metrics(preds, [c.reference for c in sample]))
+        result.update(text_metrics(preds, [c.reference or "" for c in sample]))
         result["generated_rows"] = len(sample)
         result["samples"] = [{"prompt": c.prompt_part().turns[-1].content, "reference": c.reference,
                               "prediction": p} for c, p in zip(sample[:20], preds[:20])]

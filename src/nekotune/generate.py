@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Generator
 
 from nekotune.data.formats import Conversation
 from nekotune.data.render import Renderer
@@ -26,7 +26,7 @@ class GenSettings:
     seed: int | None = None
 
     @classmethod
-    def from_config(cls, gen_cfg, **overrides) -> "GenSettings":
+    def from_config(cls, gen_cfg: Any, **overrides: Any) -> "GenSettings":
         values = {k: getattr(gen_cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
                                                    "repetition_penalty", "seed")}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -34,7 +34,8 @@ class GenSettings:
 
     def validated(self) -> "GenSettings":
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens must be a positive integer"),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0,
+             "max_new_tokens must be a positive integer"),
             (self.temperature >= 0, "temperature must be 0 (greedy) or more"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
@@ -63,9 +64,9 @@ class SeededSampler:
 
     def __init__(self, seed: int):
         self.seed = seed
-        self.generator = None
+        self.generator: Any = None
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         if self.generator is None:  # created on the scores' device, where the draw happens
@@ -76,8 +77,8 @@ class SeededSampler:
         return only.scatter_(1, drawn, 0.0)
 
 
-def _sampling_processors(settings: GenSettings):
-    """transformers' own warpers, in its order, then the seeded draw."""
+def _sampling_processors(settings: GenSettings, seed: int):
+    """transformers' own warpers, in its order, then the draw seeded with `seed`."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     warpers = LogitsProcessorList()
@@ -87,7 +88,7 @@ def _sampling_processors(settings: GenSettings):
         warpers.append(TopKLogitsWarper(top_k=settings.top_k))
     if settings.top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=settings.top_p))
-    warpers.append(SeededSampler(settings.seed))
+    warpers.append(SeededSampler(seed))
     return warpers
 
 
@@ -101,7 +102,7 @@ def _generate_kwargs(settings: GenSettings, renderer: Renderer) -> dict:
     if settings.temperature < MIN_TEMPERATURE:
         kwargs.update(greedy)
     elif settings.seed is not None:
-        kwargs.update(greedy, logits_processor=_sampling_processors(settings))
+        kwargs.update(greedy, logits_processor=_sampling_processors(settings, settings.seed))
     else:
         kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     return kwargs
@@ -111,7 +112,7 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def autocast_for(model):
+def autocast_for(model: Any) -> Any:
     """bf16 base weights (CPU training) with fp32 LoRA weights need autocast to mix."""
     import torch
 
@@ -131,8 +132,8 @@ class _StopFlag:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream(model, renderer: Renderer, conv: Conversation, settings: GenSettings,
-           stop: threading.Event | None = None) -> Iterator[str]:
+def stream(model: Any, renderer: Renderer, conv: Conversation, settings: GenSettings,
+           stop: threading.Event | None = None) -> Generator[str, None, None]:
     """Yield the answer piece by piece; setting `stop` ends generation early."""
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
@@ -168,12 +169,12 @@ def stream(model, renderer: Renderer, conv: Conversation, settings: GenSettings,
         raise errors[0]
 
 
-def generate(model, renderer: Renderer, conv: Conversation, settings: GenSettings) -> str:
+def generate(model: Any, renderer: Renderer, conv: Conversation, settings: GenSettings) -> str:
     return generate_batch(model, renderer, [conv], settings)[0]
 
 
-def generate_batch(model, renderer: Renderer, convs: list[Conversation], settings: GenSettings,
-                   batch_size: int = 8, on_batch=None) -> list[str]:
+def generate_batch(model: Any, renderer: Renderer, convs: list[Conversation], settings: GenSettings,
+                   batch_size: int = 8, on_batch: Any = None) -> list[str]:
     """Left-padded batched generation; returns the decoded answers in input order."""
     import torch
 

@@ -22,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from nekotune.errors import UserError
 
@@ -77,7 +77,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextmanager
-def atomic_file(target: Path):
+def atomic_file(target: Path) -> Iterator[Path]:
     """A temporary path next to `target`, fsynced and renamed over it on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +119,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
+def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
@@ -133,7 +133,7 @@ def fsync_tree(path: Path) -> None:
 
 # -- replacing a directory whole ----------------------------------------------------------------
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-_renameat2 = None
+_renameat2: Any = None  # the C function, False where there is none, None before the first look
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -196,7 +196,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, written_by: str | None = None):
+def atomic_dir(target: str | Path, written_by: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory next to `target`; on success it replaces `target` whole.
 
     With `written_by` (the command, e.g. "nekotune merge") the new directory gets the marker file,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nekotune.errors import UserError
 from nekotune.io import read_json
@@ -153,8 +154,9 @@ class Estimate:
         return sum(self.items.values())
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "settings": self.settings, "items_mb": {k: round(v, 1) for k, v in self.items.items()},
-                "total_mb": round(self.total_mb, 1), "total_gb": round(self.total_mb / 1024, 2)}
+        return {"model": self.model, "settings": self.settings,
+                "items_mb": {k: round(v, 1) for k, v in self.items.items()}, "total_mb": round(self.total_mb, 1),
+                "total_gb": round(self.total_mb / 1024, 2)}
 
 
 def lora_params(arch: Arch, r: int, targets: tuple[str, ...], dora: bool = False) -> int:
@@ -240,7 +242,7 @@ def detect_device(requested: str = "auto") -> str:
     return "cuda" if shutil.which("nvidia-smi") else "cpu"
 
 
-def settings_from_config(cfg, device: str) -> Settings:
+def settings_from_config(cfg: Any, device: str) -> Settings:
     targets = cfg.lora.target_modules
     if targets == "all-linear" or targets == ["all-linear"]:
         targets = LINEAR_NAMES
@@ -325,7 +327,7 @@ class MemoryReport:
     result: dict  # what `nekotune estimate --json` prints
 
 
-def estimate_training(cfg, model_arg: str | None, fit_to: str | None = None) -> MemoryReport:
+def estimate_training(cfg: Any, model_arg: str | None, fit_to: str | None = None) -> MemoryReport:
     """Peak training memory of `cfg` on the model `model_arg` names (default: the config's), and
     with `fit_to` (a size like 8GB, or auto on a GPU) the fastest settings that fit it."""
     name = model_arg or cfg.model.name_or_path
@@ -343,8 +345,8 @@ def estimate_training(cfg, model_arg: str | None, fit_to: str | None = None) -> 
     if fit_to:
         budget = gpu_memory_mb() if fit_to.strip().lower() == "auto" else parse_size(fit_to)
         found = fit(arch, s, budget)
-        result["fit"] = ({"budget_mb": round(budget), "settings": asdict(found[0]), "total_mb": round(found[1].total_mb, 1),
-                          "overrides": overrides_for(found[0])} if found else
+        result["fit"] = ({"budget_mb": round(budget), "settings": asdict(found[0]),
+                          "total_mb": round(found[1].total_mb, 1), "overrides": overrides_for(found[0])} if found else
                          {"budget_mb": round(budget), "settings": None,
                           "message": "nothing fits: use a smaller model, or more GPUs with FSDP (docs/distributed.md)"})
     return MemoryReport(arch, s, est, result)

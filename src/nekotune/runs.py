@@ -180,10 +180,10 @@ class RunLock:
             except OSError:  # someone wrote into it meanwhile: it is theirs now
                 pass
 
-    def __enter__(self):
+    def __enter__(self) -> "RunLock":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.release()
 
 
@@ -244,7 +244,12 @@ def latest_checkpointed_run(root: Path, unfinished_only: bool = False) -> Path |
         return None
     runs = [d for d in root.iterdir() if d.is_dir() and last_checkpoint(d) is not None
             and not (unfinished_only and (d / "adapter").exists()) and not is_locked(d)]
-    return max(runs, key=lambda d: last_checkpoint(d).stat().st_mtime) if runs else None
+    return max(runs, key=_checkpoint_time) if runs else None
+
+
+def _checkpoint_time(run: Path) -> float:
+    ckpt = last_checkpoint(run)
+    return ckpt.stat().st_mtime if ckpt is not None else 0.0
 
 
 # -- disk full -------------------------------------------------------------------------------
@@ -258,8 +263,8 @@ _WRITE_FAILED = ("file write failed", "unexpected pos", "iostream error", "i/o e
 NEARLY_FULL_BYTES = 64 * 2**20
 
 
-def _chain(exc: BaseException):
-    seen = set()
+def _chain(exc: BaseException | None):
+    seen: set[int] = set()
     while exc is not None and id(exc) not in seen and len(seen) < 16:
         seen.add(id(exc))
         yield exc
@@ -295,7 +300,7 @@ RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "d
                      "train.batch_size", "train.grad_accum", "train.seed")
 
 
-def check_resume_compatible(cfg, run: Path) -> None:
+def check_resume_compatible(cfg: Any, run: Path) -> None:
     if not (run / "config.yaml").is_file():
         return
     saved = read_run_config(run / "config.yaml")
@@ -315,13 +320,14 @@ def _compatible(cfg, run: Path) -> bool:
         return False
 
 
-def _dig(d: dict, dotted: str):
+def _dig(d: dict, dotted: str) -> Any:
+    node: Any = d
     for part in dotted.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
-def chosen_run(cfg) -> Path | None:
+def chosen_run(cfg: Any) -> Path | None:
     """The existing run directory the config names (output.dir, output.run_name) or that
     train.resume picks; None when the run gets a new directory."""
     if cfg.output.dir:
@@ -340,7 +346,7 @@ def chosen_run(cfg) -> Path | None:
     return None
 
 
-def run_dir_for(cfg) -> Path:
+def run_dir_for(cfg: Any) -> Path:
     """Where a training with this config goes (a new name is not reserved: see claim_run_dir)."""
     return chosen_run(cfg) or Path(cfg.output.root) / new_run_name(cfg.model.name_or_path)
 
@@ -368,7 +374,7 @@ def _claim(cfg) -> tuple[Path, RunLock]:
 _REFUSED = "\0refused:"
 
 
-def claim_run_dir(cfg) -> tuple[Path, RunLock | None]:
+def claim_run_dir(cfg: Any) -> tuple[Path, RunLock | None]:
     """Rank 0 chooses the run directory and locks it; every rank takes rank 0's choice (or its
     refusal, so that no rank waits for a run that will not start). Ranks other than 0 get no lock."""
     from nekotune.distributed import agree_on, is_main_process
@@ -386,7 +392,7 @@ def claim_run_dir(cfg) -> tuple[Path, RunLock | None]:
     return Path(answer), lock
 
 
-def resume_checkpoint(cfg, run: Path) -> Path | None:
+def resume_checkpoint(cfg: Any, run: Path) -> Path | None:
     if cfg.train.resume is False:
         return None
     ckpt = last_checkpoint(run)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from nekotune.errors import UserError
 
@@ -25,7 +26,7 @@ NEVER_FROM_A_RUN = ("trust_remote_code", "revision", "attn_implementation")
 CODE_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
 
-def run_model_settings(section, run_dir: str | None) -> dict:
+def run_model_settings(section: Any, run_dir: str | None) -> dict:
     """The part of a run's `model:` section that inference may take over."""
     if section is None:
         return {}
@@ -76,7 +77,7 @@ def _auto_map_entries(folder: Path) -> list[str]:
     return entries
 
 
-def custom_code(folders) -> list[str]:
+def custom_code(folders: Any) -> list[str]:
     """One line per local folder that ships code transformers would run with trust_remote_code:
     its auto_map classes and its .py files."""
     found, seen = [], set()
@@ -104,7 +105,7 @@ def _once(key) -> bool:
     return True
 
 
-def warn_trusted(sources) -> None:
+def warn_trusted(sources: Any) -> None:
     """The user turned trust_remote_code on: say which code that lets run (each folder or hub
     repository once per process, however many times a command loads from it)."""
     fresh = [str(s) for s in sources if s and _once(("trusted", str(Path(str(s)).expanduser())))]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from typing import Any
 
-from nekotune.data.formats import Conversation, Turn
-from nekotune.generate import GenSettings, generate, stream
 from nekotune.commands.console import command, progress_bar
 from nekotune.config import Config
+from nekotune.data.formats import Conversation, Turn
+from nekotune.generate import GenSettings, generate, stream
 from nekotune.model import load_for_inference
 
 HELP = """commands:
@@ -26,7 +27,8 @@ SETTING_TYPES = {"max_new_tokens": int, "temperature": float, "top_p": float, "t
 
 
 @command
-def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdin=None, stdout=None) -> int:
+def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdin: Any = None,
+             stdout: Any = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
     loaded = load_for_inference(cfg, model_arg)
@@ -130,7 +132,7 @@ def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False
 def predict_command(cfg: Config, model_arg: str | None, file: str, out: str, limit: int | None = None) -> int:
     from nekotune.api import predict
 
-    with progress_bar(total=0, description="predict") as progress:
+    with progress_bar(description="predict") as progress:
         done = predict(model_arg, file, out, cfg, limit=limit, progress=progress)
     print(f"{len(done.rows)} predictions written to {out}")
     return 0

@@ -56,16 +56,24 @@ def command(fn: F) -> F:
 
 
 @contextlib.contextmanager
-def progress_bar(*columns: Any, total: int, console: Any = None, transient: bool = True,
+def progress_bar(*columns: Any, console: Any = None, transient: bool = True,
                  description: str = "work") -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar (rich's default columns when none are given), handed to a stage as its
-    `progress(done, total)` callback."""
+    `progress(done, total)` callback. It appears at the first call: a stage that refuses its input
+    first leaves no trace of a bar."""
     from rich.progress import Progress
 
-    with Progress(*columns, console=console, transient=transient) as bar:
-        task = bar.add_task(description, total=total)
+    shown: dict[str, Any] = {}
 
-        def update(done: int, new_total: int) -> None:
-            bar.update(task, completed=done, total=new_total)
+    def update(done: int, total: int) -> None:
+        if not shown:
+            shown["bar"] = Progress(*columns, console=console, transient=transient)
+            shown["bar"].start()
+            shown["task"] = shown["bar"].add_task(description, total=total)
+        shown["bar"].update(shown["task"], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if shown:
+            shown["bar"].stop()

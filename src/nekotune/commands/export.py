@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from nekotune.commands.console import command, progress_bar
 from nekotune.config import Config
@@ -24,7 +25,7 @@ def merge_command(cfg: Config, model_arg: str | None, out: str, low_memory: bool
 
     console = _stderr()
     with progress_bar(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      total=0, console=console) as progress:
+                      console=console) as progress:
         done = merge(model_arg, out, cfg, low_memory=low_memory, dtype=dtype, progress=progress)
     console.print(f"merged {done.adapter} into {done.base}\n-> {done.out} ({done.shards} shard"
                   f"{'s' if done.shards > 1 else ''}, {size_text(done.bytes)}, {done.dtype}"
@@ -36,7 +37,7 @@ def _gguf_bar(type_name: str, console):
     from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeElapsedColumn
 
     return progress_bar(TextColumn(f"GGUF {type_name}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                        total=0, console=console)
+                        console=console)
 
 
 @command
@@ -83,7 +84,7 @@ def verify_command(cfg: Config, file: str, model_arg: str | None, limit: int | N
     return 0 if report.ok else 1
 
 
-def print_verify_report(report, console) -> None:
+def print_verify_report(report: Any, console: Any) -> None:
     from rich.table import Table
 
     from nekotune.export.verify import N_TOKENS, short

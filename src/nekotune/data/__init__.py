@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nekotune.data.formats import Conversation, Turn, to_conversations
 from nekotune.data.render import Encoded, Renderer
@@ -21,7 +22,7 @@ __all__ = ["Conversation", "Turn", "Encoded", "Renderer", "load_conversations", 
            "DEMO_DATA", "DEMO_HELDOUT", "percentile"]
 
 
-def load_conversations(path: str | None, data_cfg, max_rows: int | None = None,
+def load_conversations(path: str | None, data_cfg: Any, max_rows: int | None = None,
                        prompts_only: bool = False) -> tuple[list[Conversation], str]:
     path = path or str(DEMO_DATA)
     rows = read_rows(path, split=data_cfg.split, max_rows=max_rows or data_cfg.max_rows)
@@ -66,7 +67,7 @@ def _split(convs: list[Conversation], val_size: float, seed: int) -> tuple[list,
     return [c for i, c in enumerate(convs) if i not in val_idx], [c for i, c in enumerate(convs) if i in val_idx]
 
 
-def prepare(cfg, renderer: Renderer) -> PreparedData:
+def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
     path = cfg.data.path or str(DEMO_DATA)
     convs, fmt = load_conversations(path, cfg.data)
     if cfg.data.val_path:

@@ -32,7 +32,9 @@ def pad_batch(features: list[dict], pad_id: int, side: str = "right") -> dict[st
 
 
 def flatten_batch(features: list[dict]) -> dict[str, torch.Tensor]:
-    ids, labels, positions = [], [], []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
     for f in features:
         n = len(f["input_ids"])
         ids.extend(f["input_ids"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from nekotune.data.formats import Conversation
 from nekotune.errors import UserError
@@ -41,7 +42,7 @@ class Encoded:
 
 
 class Renderer:
-    def __init__(self, tokenizer, system_prompt: str | None = None, enable_thinking: bool | None = None,
+    def __init__(self, tokenizer: Any, system_prompt: str | None = None, enable_thinking: bool | None = None,
                  max_seq_len: int = 1024, truncation: str = "truncate", train_on_prompt: bool = False,
                  chat_template: str | None = None):
         self.tokenizer = tokenizer
@@ -55,7 +56,7 @@ class Renderer:
         self.eot_text = self._find_end_of_turn()
 
     @classmethod
-    def from_config(cls, tokenizer, data_cfg, chat_template: str | None = None) -> "Renderer":
+    def from_config(cls, tokenizer: Any, data_cfg: Any, chat_template: str | None = None) -> "Renderer":
         return cls(tokenizer, system_prompt=data_cfg.system_prompt, enable_thinking=data_cfg.enable_thinking,
                    max_seq_len=data_cfg.max_seq_len, truncation=data_cfg.truncation,
                    train_on_prompt=data_cfg.train_on_prompt, chat_template=chat_template)
@@ -131,15 +132,15 @@ class Renderer:
     def encode(self, conv: Conversation) -> Encoded | None:
         """input_ids and labels (-100 where not trained); None when nothing is left to train."""
         if conv.text is not None:
-            ids = self.tokenizer(conv.text, add_special_tokens=True)["input_ids"]
+            text_ids = self.tokenizer(conv.text, add_special_tokens=True)["input_ids"]
             if self.tokenizer.eos_token_id is not None:
-                ids = ids + [self.tokenizer.eos_token_id]
-            return self._fit(Encoded(ids, list(ids)))
+                text_ids = text_ids + [self.tokenizer.eos_token_id]
+            return self._fit(Encoded(text_ids, list(text_ids)))
         messages = conv.messages(self.system_prompt)
         full = self.render(messages, add_generation_prompt=False)
         if self.train_on_prompt:
-            ids = self._tokenize(full)
-            return self._fit(Encoded(ids, list(ids)))
+            whole = self._tokenize(full)
+            return self._fit(Encoded(whole, list(whole)))
         # Tokenize piece by piece at the span edges: BPE must not merge a prompt's last
         # characters with the answer's first, or training would see other prompt tokens than
         # generation does (Llama 3's "\n\n" before the answer is the classic case).

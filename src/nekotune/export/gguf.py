@@ -75,13 +75,13 @@ def architecture(config: dict) -> str:
 
 
 # -- tensors ---------------------------------------------------------------------------------
-def permute_for_rope(weight, n_head: int):
+def permute_for_rope(weight: Any, n_head: int) -> Any:
     """HF's rotary layout (first half / second half of each head) -> llama.cpp's interleaved pairs."""
     shape = weight.shape
     return weight.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def gguf_tensors(merged, config: dict, arch: str) -> list[tuple[str, str, tuple]]:
+def gguf_tensors(merged: Any, config: dict, arch: str) -> list[tuple[str, str, tuple]]:
     """(HF name, GGUF name, shape) for every tensor llama.cpp needs, in the checkpoint's order."""
     import gguf
 
@@ -131,7 +131,7 @@ def tensor_type(gguf_name: str, shape: tuple, requested: str, has_output: bool) 
     return qtype
 
 
-def encode(tensor, qtype):
+def encode(tensor: Any, qtype: Any) -> Any:
     """A float32 torch tensor -> the numpy array GGUFWriter writes for `qtype`."""
     import gguf
     import numpy as np

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Pre-tokenizers llama.cpp recognises, by the hash of CHKTXT's token ids (convert_hf_to_gguf's scheme).
 CHKTXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
-          "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+          "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+          "កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
           "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE "
           "you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL")
 PRE_TOKENIZERS = {
@@ -37,7 +38,7 @@ PRE_TOKENIZER_REGEX = {r"\p{N}{1,3}": "llama-bpe", r"\p{N}| ?[^\s\p{L}\p{N}]+[\r
 
 
 
-def llama3_rope_factors(rope: dict, head_dim: int, theta: float):
+def llama3_rope_factors(rope: dict, head_dim: int, theta: float) -> Any:
     """Llama 3.1+ long-context rotary frequencies, as llama.cpp's rope_freqs tensor."""
     import numpy as np
 
@@ -59,7 +60,7 @@ def rope_parameters(config: dict) -> dict:
     return params
 
 
-def add_hparams(writer, config: dict, n_vocab: int) -> dict:
+def add_hparams(writer: Any, config: dict, n_vocab: int) -> dict:
     import gguf
 
     heads = config["num_attention_heads"]
@@ -107,7 +108,7 @@ def looks_special(text: str) -> bool:
     return (text.startswith("<|") and text.endswith("|>")) or (text.startswith("<｜") and text.endswith("｜>"))
 
 
-def bpe_vocab(tokenizer, n_vocab: int) -> tuple[list[str], list[int]]:
+def bpe_vocab(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[Any]]:
     import gguf
 
     T = gguf.TokenType
@@ -154,7 +155,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, renderer: Any, n_vocab: int) -> N
     special.add_to_gguf(writer, quiet=True)
 
 
-def special_token_ids(tokenizer, renderer) -> dict[str, int]:
+def special_token_ids(tokenizer: Any, renderer: Any) -> dict[str, int]:
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
            "pad": tokenizer.pad_token_id}
     eot = tokenizer.convert_tokens_to_ids(renderer.eot_text) if renderer.eot_text else None
@@ -163,7 +164,7 @@ def special_token_ids(tokenizer, renderer) -> dict[str, int]:
     return {k: v for k, v in ids.items() if isinstance(v, int)}
 
 
-def adds_special_tokens(tokenizer) -> dict[str, bool]:
+def adds_special_tokens(tokenizer: Any) -> dict[str, bool]:
     """What the HF tokenizer adds on its own, measured rather than read from configs that may lie."""
     ids = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, Callable
 
 
 class GoTemplateError(ValueError):
@@ -119,7 +120,7 @@ def _truth(value) -> bool:
     return len(value) > 0 if hasattr(value, "__len__") else True
 
 
-FUNCS = {
+FUNCS: dict[str, Callable[..., Any]] = {
     "eq": lambda a, *others: any(a == b for b in others),
     "ne": lambda a, b: a != b,
     "not": lambda a: not _truth(a),
@@ -177,6 +178,8 @@ def _action(body: str, scope: _Scope, out: list[str]) -> None:
 def _range(node: tuple, scope: _Scope, out: list[str]) -> None:
     _, expr, body, otherwise = node
     m = re.fullmatch(r"(?:(\$\w+)\s*,\s*(\$\w+)\s*:=\s*|(\$\w+)\s*:=\s*)?(.+)", expr, re.S)
+    if m is None:
+        raise GoTemplateError(f"cannot parse {{{{ range {expr} }}}}")
     items = _eval(_tokens(m.group(4)), scope) or []
     if not items:
         _run(otherwise, scope, out)

@@ -15,6 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nekotune.config import Config, GenerateConfig
 from nekotune.errors import UserError
@@ -81,7 +82,7 @@ class Probe:
     bos_text: str
 
 
-def probe_template(renderer, family: str) -> Probe:
+def probe_template(renderer: Any, family: str) -> Probe:
     user = [{"role": "user", "content": PROBE.format("user")}]
     closed = renderer.render(user, add_generation_prompt=False)
     opened = renderer.render(user, add_generation_prompt=True)
@@ -105,7 +106,7 @@ def build_template(family: str, probe: Probe, runtime_adds_bos: bool) -> str:
     return prefix + system + loop
 
 
-def system_for_modelfile(renderer, probe: Probe) -> str | None:
+def system_for_modelfile(renderer: Any, probe: Probe) -> str | None:
     return renderer.system_prompt or probe.default_system
 
 
@@ -119,7 +120,7 @@ def probe_conversations(system: str | None) -> list[list[dict]]:
     return convs
 
 
-def expected_prompt(renderer, messages: list[dict], bos_stripped: str) -> str:
+def expected_prompt(renderer: Any, messages: list[dict], bos_stripped: str) -> str:
     """What transformers feeds the model: the renderer's prompt with nekotune's system prompt."""
     if renderer.system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": renderer.system_prompt}] + messages
@@ -127,7 +128,7 @@ def expected_prompt(renderer, messages: list[dict], bos_stripped: str) -> str:
     return text[len(bos_stripped):] if bos_stripped and text.startswith(bos_stripped) else text
 
 
-def check_template(template: str, renderer, system: str | None, bos_stripped: str) -> str | None:
+def check_template(template: str, renderer: Any, system: str | None, bos_stripped: str) -> str | None:
     """None when the Go template reproduces the chat template; else a description of the first difference."""
     for messages in probe_conversations(system):
         want = expected_prompt(renderer, messages, bos_stripped)
@@ -139,7 +140,7 @@ def check_template(template: str, renderer, system: str | None, bos_stripped: st
 
 
 # -- the Modelfile ---------------------------------------------------------------------------
-def stop_texts(renderer) -> list[str]:
+def stop_texts(renderer: Any) -> list[str]:
     tok = renderer.tokenizer
     texts = [renderer.eot_text] + [tok.convert_ids_to_tokens(i) for i in renderer.stop_token_ids]
     return list(dict.fromkeys(t for t in texts if t))
@@ -183,7 +184,7 @@ class ModelfileParts:
     warning: str | None = None
 
 
-def modelfile_parts(renderer, runtime_adds_bos: bool) -> ModelfileParts:
+def modelfile_parts(renderer: Any, runtime_adds_bos: bool) -> ModelfileParts:
     family = detect_family(renderer.template)
     stops = stop_texts(renderer)
     if family is None:

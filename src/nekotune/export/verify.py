@@ -14,6 +14,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nekotune.config import Config
 from nekotune.errors import UserError
@@ -36,7 +37,7 @@ class PromptResult:
     llama_text: str
 
 
-def require_llama_cpp():
+def require_llama_cpp() -> Any:
     if importlib.util.find_spec("llama_cpp") is None:
         raise UserError("export verify needs llama-cpp-python: pip install 'nekotune[verify]' "
                         "(it compiles llama.cpp, about 6 minutes on 2 cores)")
@@ -55,14 +56,14 @@ def gguf_file_type(path: Path) -> str:
     return next((t.name for t in gguf.LlamaFileType if t.value == value), str(value))
 
 
-def heldout_prompts(cfg) -> list:
+def heldout_prompts(cfg: Config) -> list:
     from nekotune.data import DEMO_HELDOUT, load_conversations
 
     convs, _ = load_conversations(str(DEMO_HELDOUT), cfg.data.model_copy(update={"format": "auto", "columns": {}}))
     return [c.prompt_part() for c in convs]
 
 
-def hf_greedy(model, prompt_ids: list[int], stop_ids: list[int], pad_id) -> list[int]:
+def hf_greedy(model: Any, prompt_ids: list[int], stop_ids: list[int], pad_id: Any) -> list[int]:
     import torch
 
     ids = torch.tensor([prompt_ids])
@@ -73,7 +74,7 @@ def hf_greedy(model, prompt_ids: list[int], stop_ids: list[int], pad_id) -> list
     return out[0, len(prompt_ids):].tolist()
 
 
-def llama_greedy(llm, prompt_ids: list[int], stop_ids: list[int]) -> list[int]:
+def llama_greedy(llm: Any, prompt_ids: list[int], stop_ids: list[int]) -> list[int]:
     import numpy as np
 
     llm.reset()
@@ -88,7 +89,7 @@ def llama_greedy(llm, prompt_ids: list[int], stop_ids: list[int]) -> list[int]:
     return generated
 
 
-def teacher_forced_top1(llm, prompt_ids: list[int], continuation: list[int]) -> float:
+def teacher_forced_top1(llm: Any, prompt_ids: list[int], continuation: list[int]) -> float:
     import numpy as np
 
     if not continuation:
@@ -109,7 +110,7 @@ def leading_agreement(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare_prompt(loaded, llm, conv, stop_ids: list[int]) -> PromptResult:
+def compare_prompt(loaded: Any, llm: Any, conv: Any, stop_ids: list[int]) -> PromptResult:
     renderer = loaded.renderer
     text = renderer.prompt_text(conv)
     hf_ids = renderer.prompt_ids(conv)
@@ -122,7 +123,7 @@ def compare_prompt(loaded, llm, conv, stop_ids: list[int]) -> PromptResult:
                         teacher_forced_top1(llm, hf_ids, hf_out), decode(hf_out), decode(llama_out))
 
 
-def bos_agrees(llm, tokenizer) -> bool:
+def bos_agrees(llm: Any, tokenizer: Any) -> bool:
     """Whether llama.cpp adds BOS (tokenizer.ggml.add_bos_token) exactly when transformers does."""
     return llm.tokenize(b"Hello", add_bos=True, special=True) == tokenizer("Hello")["input_ids"]
 

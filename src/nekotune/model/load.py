@@ -22,8 +22,8 @@ from nekotune.trust import is_needs_code, needs_code_error, warn_trusted
 @dataclass
 class Precision:
     device: str
-    weights: "object"  # torch.dtype for the frozen base weights
-    autocast: "object | None"  # torch.dtype for autocast, or None
+    weights: Any  # torch.dtype for the frozen base weights
+    autocast: Any  # torch.dtype for autocast, or None
 
     @property
     def name(self) -> str:
@@ -126,7 +126,7 @@ def _has_tokenizer(p: Path) -> bool:
     return (p / "tokenizer_config.json").is_file()
 
 
-def check_quantization(model_cfg, device: str) -> None:
+def check_quantization(model_cfg: ModelConfig, device: str) -> None:
     """QLoRA needs bitsandbytes on CUDA; say so before spending a minute loading weights."""
     if not model_cfg.quantization:
         return
@@ -137,7 +137,7 @@ def check_quantization(model_cfg, device: str) -> None:
         raise UserError("model.quantization needs bitsandbytes: pip install 'nekotune[qlora]' (or bitsandbytes)")
 
 
-def quantization_config(model_cfg, compute_dtype):
+def quantization_config(model_cfg: ModelConfig, compute_dtype: Any) -> Any:
     from transformers import BitsAndBytesConfig
 
     if model_cfg.quantization == "4bit":
@@ -164,7 +164,7 @@ def load_model(spec: ModelSource, model_cfg: ModelConfig, precision: Precision, 
     if model_cfg.trust_remote_code:
         warn_trusted([spec.adapter, spec.base])
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
     except (OSError, ValueError) as exc:
         if not model_cfg.trust_remote_code and is_needs_code(exc):
             raise needs_code_error(spec.base, "model") from None

@@ -80,8 +80,9 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # transformers tags GGUF-loaded models as quantized, which blocks saving and training; the
     # weights are already dequantized floats, so the tag is dropped.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -126,7 +127,7 @@ def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: s
         base = read_json(p / "adapter_config.json").get("base_model_name_or_path") or default_base
         run = Run.owning(p)
         run_cfg = run.config() if run else {}
-        run_model = run_cfg.get("model") if isinstance(run_cfg.get("model"), dict) else {}
+        run_model: dict = run_cfg["model"] if isinstance(run_cfg.get("model"), dict) else {}
         if not Path(str(base)).exists() and isinstance(run_model.get("name_or_path"), str):
             base = run_model["name_or_path"]
         return ModelSource(base=resolve_base(base), adapter=str(p), run=run, run_config=run_cfg)

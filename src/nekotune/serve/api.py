@@ -22,15 +22,27 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncGenerator
 
 from fastapi import Depends, Request  # module level: FastAPI resolves route annotations from module globals
 
 from nekotune.data.formats import Conversation, Turn
 from nekotune.errors import UserError
 from nekotune.generate import GenSettings, stream
-from nekotune.serve.limits import (ChatRequest, CompletionRequest, DeclaredLength, OpenAIError, StopScanner,
-                                   bad_request, check_chat, check_common, check_completion, check_prompt_chars,
-                                   to_conversation)
+from nekotune.serve.limits import (
+    ChatRequest,
+    CompletionRequest,
+    DeclaredLength,
+    OpenAIError,
+    StopScanner,
+    bad_request,
+    check_chat,
+    check_common,
+    check_completion,
+    check_prompt_chars,
+    install_error_handlers,
+    to_conversation,
+)
 from nekotune.serve.pool import Entry, ModelPool
 
 log = logging.getLogger("nekotune.serve")
@@ -76,7 +88,7 @@ class Server:
         except BaseException as exc:  # re-raised in the request's task
             put(exc)
 
-    async def pieces(self, gen: "Generation"):
+    async def pieces(self, gen: "Generation") -> AsyncGenerator[str, None]:
         """The answer's text pieces, generated in a slot once one is free."""
         import anyio
 
@@ -122,7 +134,7 @@ class Generation:
         self.hit_stop_string = False
         self.completion_tokens = 0
 
-    def produce(self, put) -> None:
+    def produce(self, put: Any) -> None:
         """Worker thread: the CPU work of an answer (generating, scanning for stops, counting) stays here."""
         scanner = StopScanner(self.stops)
         pieces = stream(self.server.pool.model, self.entry.renderer, self.conv, self.settings, stop=self.stop)
@@ -144,7 +156,7 @@ class Generation:
             self.parts.append(text)
             put(text)
 
-    async def deltas(self):
+    async def deltas(self) -> AsyncGenerator[str, None]:
         async with contextlib.aclosing(self.server.pieces(self)) as pieces:
             async for piece in pieces:
                 yield piece
@@ -165,7 +177,7 @@ class Generation:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
                 "total_tokens": self.prompt_tokens + done}
 
-    async def run_to_end(self, request) -> None:
+    async def run_to_end(self, request: Any) -> None:
         """Non-streaming: generate it all, stopping early if the client goes away meanwhile."""
         watcher = asyncio.create_task(self._watch_disconnect(request))
         try:
@@ -186,7 +198,7 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def prepare(server: Server, req, conv: Conversation, stops: list[str]) -> Generation:
+def prepare(server: Server, req: Any, conv: Conversation, stops: list[str]) -> Generation:
     """Everything that can be refused is checked here, in a thread, before a slot is taken."""
     entry = server.pool.get(req.model)
     if entry is None:
@@ -315,7 +327,7 @@ def _stream(server: Server, gen: Generation, chunk, first: dict | None, req):
     return _streaming_response(_event_stream(server, gen, chunk, first, include_usage))
 
 
-async def chat_completions(server: Server, req: ChatRequest, request, admission: Admission):
+async def chat_completions(server: Server, req: ChatRequest, request: Any, admission: Admission) -> Any:
     gen, rid, created = await _admit(server, _prepare_chat, req, admission, "chatcmpl")
     if req.stream:
         def chunk(delta, finish=None):
@@ -330,7 +342,7 @@ async def chat_completions(server: Server, req: ChatRequest, request, admission:
             "usage": gen.usage()}
 
 
-async def completions(server: Server, req: CompletionRequest, request, admission: Admission):
+async def completions(server: Server, req: CompletionRequest, request: Any, admission: Admission) -> Any:
     gens, rid, created = await _admit(server, _prepare_completions, req, admission, "cmpl")
     if req.stream:
         def chunk(text, finish=None):
@@ -357,52 +369,9 @@ def model_card(name: str) -> dict:
 
 
 # -- the app ---------------------------------------------------------------------------------
-def _error_response(err: OpenAIError):
-    from fastapi.responses import Response
-
-    # ASCII JSON: an error message may quote a client's text, which must never fail to encode.
-    return Response(json.dumps(err.body()), status_code=err.status, media_type="application/json",
-                    headers=err.headers)
-
-
-def _install_error_handlers(app, max_body: int) -> None:
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request, exc: OpenAIError):
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        # Of several errors (one per member of a union), the deepest says most about what is wrong.
-        err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
-        if err.get("type") == "json_invalid":
-            return _error_response(bad_request("the request body is not valid JSON"))
-        # Union members show up in the location as tags like "list[...]": not a field name.
-        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p)) or None
-        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-        return _error_response(bad_request(message, param))
-
-    @app.exception_handler(HTTPException)
-    async def _http(request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        message = str(exc.detail)
-        if exc.status_code == 413:
-            message = f"the request body is over this server's limit of {max_body} bytes (--max-body)"
-        return _error_response(OpenAIError(exc.status_code, message, code=code,
-                                           headers=getattr(exc, "headers", None)))
-
-    @app.exception_handler(Exception)
-    async def _bug(request, exc: Exception):
-        # The details stay in the server's log: an exception's text can hold paths and internals.
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
-        return _error_response(OpenAIError(500, f"internal error (reference {ref} in the server's log)",
-                                           type="server_error"))
-
-
-def _key_checker(api_key: str | None):
+def key_checker(api_key: str | None) -> Any:
+    """The API key check (a FastAPI dependency): 401 unless 'Authorization: Bearer <key>'; compared in
+    constant time."""
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def check(request: Request) -> None:
@@ -418,7 +387,7 @@ def _key_checker(api_key: str | None):
 
 def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int = 4, max_tokens_cap: int = 1024,
                cors_origins: list[str] | None = None, host: str = "127.0.0.1", allow_hosts: list[str] | None = None,
-               max_body: int = DEFAULT_MAX_BODY, max_queue: int = DEFAULT_MAX_QUEUE):
+               max_body: int = DEFAULT_MAX_BODY, max_queue: int = DEFAULT_MAX_QUEUE) -> Any:
     """The FastAPI app for a loaded ModelPool (tests build one directly; `nekotune serve` runs it).
 
     `host` is the address it will be served on: the Host check answers that name (and the
@@ -439,10 +408,10 @@ def create_app(pool: ModelPool, api_key: str | None = None, max_concurrency: int
         server.executor.shutdown(wait=False, cancel_futures=True)
 
     # With a key, the schema and the docs pages would describe the API to anyone without one.
-    docs = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
+    docs: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key else {}
     app = FastAPI(title="nekotune", lifespan=lifespan, **docs)
     app.state.server = server
-    _install_error_handlers(app, max_body)
+    install_error_handlers(app, max_body)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -468,7 +437,7 @@ def _v1_routes(server: Server, api_key: str | None, max_body: int):
     pool = server.pool
     # FastAPI counts the body as it arrives (chunked bodies too); on the router, inside
     # DeclaredLength, so every 413 is answered in OpenAI's shape.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(api_key))], max_body_size=max_body)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_checker(api_key))], max_body_size=max_body)
     place_in_line = Depends(_admission(server), scope="request")
 
     @v1.get("/models")
@@ -477,9 +446,10 @@ def _v1_routes(server: Server, api_key: str | None, max_body: int):
 
     @v1.get("/models/{name}")
     async def get_model(name: str):
-        if pool.get(name) is None:
+        entry = pool.get(name)
+        if entry is None:
             raise OpenAIError(404, f"model {name!r} does not exist", param="model", code="model_not_found")
-        return model_card(pool.get(name).name)
+        return model_card(entry.name)
 
     @v1.post("/chat/completions")
     async def chat(req: ChatRequest, request: Request, place: Admission = place_in_line):

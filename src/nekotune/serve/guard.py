@@ -18,7 +18,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from nekotune.errors import UserError
@@ -119,7 +119,7 @@ def _headers(scope) -> dict[str, list[str]]:
     return found
 
 
-async def send_error(send, status: int, message: str, code: str) -> None:
+async def send_error(send: Any, status: int, message: str, code: str) -> None:
     """An OpenAI-shaped JSON error, written straight to the ASGI channel."""
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": code}}).encode()
@@ -131,11 +131,11 @@ async def send_error(send, status: int, message: str, code: str) -> None:
 class HostGuard:
     """403 for a `Host` this server does not answer to, or an `Origin` it does not let in."""
 
-    def __init__(self, app, policy: HostPolicy):
+    def __init__(self, app: Any, policy: HostPolicy):
         self.app = app
         self.policy = policy
 
-    def refusal(self, scope) -> str | None:
+    def refusal(self, scope: dict) -> str | None:
         headers = _headers(scope)
         hosts = headers.get("host", [])
         if len(hosts) != 1 or not self.policy.host_ok(host_name(hosts[0])):
@@ -147,7 +147,7 @@ class HostGuard:
             return "requests from other web sites are refused (the Origin is not allowed)"
         return None
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
         if scope["type"] in ("http", "websocket") and (reason := self.refusal(scope)) is not None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})  # before accept: the server answers 403

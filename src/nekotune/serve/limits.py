@@ -8,11 +8,16 @@ generation fail, so a bad request is always a 400 and never a 500.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+import json
+import logging
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from nekotune.data.formats import Conversation, Turn
+
+log = logging.getLogger("nekotune.serve")
 
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
@@ -37,6 +42,52 @@ class OpenAIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
+
+
+def _error_response(err: OpenAIError):
+    from fastapi.responses import Response
+
+    # ASCII JSON: an error message may quote a client's text, which must never fail to encode.
+    return Response(json.dumps(err.body()), status_code=err.status, media_type="application/json",
+                    headers=err.headers)
+
+
+def install_error_handlers(app: Any, max_body: int) -> None:
+    """Every error the API answers, in OpenAI's shape; an internal one says only where its log is."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request, exc: OpenAIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        # Of several errors (one per member of a union), the deepest says most about what is wrong.
+        err = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+        if err.get("type") == "json_invalid":
+            return _error_response(bad_request("the request body is not valid JSON"))
+        # Union members show up in the location as tags like "list[...]": not a field name.
+        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p)) or None
+        message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
+        return _error_response(bad_request(message, param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 413:
+            message = f"the request body is over this server's limit of {max_body} bytes (--max-body)"
+        return _error_response(OpenAIError(exc.status_code, message, code=code,
+                                           headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        # The details stay in the server's log: an exception's text can hold paths and internals.
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
+        return _error_response(OpenAIError(500, f"internal error (reference {ref} in the server's log)",
+                                           type="server_error"))
 
 
 # -- request bodies --------------------------------------------------------------------------
@@ -186,10 +237,10 @@ class DeclaredLength:
     Content-Length already over the limit it answers itself, in plain text, over any response
     the app sends. This middleware answers that case before the request gets there."""
 
-    def __init__(self, app, max_body: int):
+    def __init__(self, app: Any, max_body: int):
         self.app, self.max_body = app, max_body
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
         from nekotune.serve.guard import send_error
 
         if scope["type"] == "http":

@@ -16,10 +16,12 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from nekotune.data.render import Renderer
 from nekotune.errors import UserError
 from nekotune.generate import GenSettings
+from nekotune.model.source import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class Entry:
 class AdapterSwitch:
     """Lets generations share one adapter at a time and switches only when none is running."""
 
-    def __init__(self, model, active: str | None):
+    def __init__(self, model: Any, active: str | None):
         self.model = model
         self.active = active
         self.users = 0
@@ -93,7 +95,7 @@ class AdapterSwitch:
         self.active = adapter
 
     @contextlib.contextmanager
-    def use(self, adapter: str | None):
+    def use(self, adapter: str | None) -> Iterator[None]:
         with self.cond:
             self.waiting[adapter] += 1
             try:
@@ -113,7 +115,7 @@ class AdapterSwitch:
 
 
 class ModelPool:
-    def __init__(self, model, tokenizer, entries: list[Entry], context_length: int):
+    def __init__(self, model: Any, tokenizer: Any, entries: list[Entry], context_length: int):
         self.model = model
         self.tokenizer = tokenizer
         self.entries = {e.name: e for e in entries}
@@ -128,7 +130,7 @@ class ModelPool:
     def get(self, name: str) -> Entry | None:
         return self.entries.get(self.base_name if name == BASE_ALIAS else name)
 
-    def lease(self, entry: Entry):
+    def lease(self, entry: Entry) -> Any:
         """Hold the model set to this entry's adapter for one generation (blocks while it switches)."""
         return self.switch.use(entry.adapter)
 
@@ -141,7 +143,7 @@ def _initial_adapter(model) -> str | None:
 
 
 # -- loading ---------------------------------------------------------------------------------
-def context_length(model, tokenizer) -> int:
+def context_length(model: Any, tokenizer: Any) -> int:
     n = getattr(model.config, "max_position_embeddings", None)
     if not n:
         limit = getattr(tokenizer, "model_max_length", None)
@@ -177,7 +179,8 @@ def _same_base(a: str, b: str) -> bool:
     return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
-def _adapter_sources(spec, adapters: list[tuple[str, str]], outputs_root: str) -> list[tuple[str, object]]:
+def _adapter_sources(spec: ModelSource, adapters: list[tuple[str, str]], outputs_root: str,
+                     ) -> list[tuple[str, ModelSource]]:
     from nekotune.model import resolve
 
     sources = []
@@ -193,10 +196,17 @@ def _adapter_sources(spec, adapters: list[tuple[str, str]], outputs_root: str) -
     return sources
 
 
-def load_pool(cfg, model_arg: str | None, adapters: list[tuple[str, str]]) -> ModelPool:
+def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]]) -> ModelPool:
     """Load the base once, then every adapter onto it under its own name."""
-    from nekotune.model import (ModelSource, effective_config, load_model, load_tokenizer, pick_device,
-                                pick_precision, resolve_source)
+    from nekotune.model import (
+        ModelSource,
+        effective_config,
+        load_model,
+        load_tokenizer,
+        pick_device,
+        pick_precision,
+        resolve_source,
+    )
 
     spec, served_cfg = resolve_source(cfg, model_arg)
     precision = pick_precision(pick_device(served_cfg.model.device), served_cfg.model.dtype, training=False)
@@ -216,6 +226,6 @@ def load_pool(cfg, model_arg: str | None, adapters: list[tuple[str, str]]) -> Mo
         model = _add_adapter(model, aspec, internal=f"adapter{i}")
         ecfg = effective_config(cfg, aspec)
         entries.append(Entry(name, f"adapter{i}", _renderer(tokenizer, ecfg), GenSettings.from_config(ecfg.generate),
-                             aspec.run_dir or aspec.adapter))
+                             aspec.label))
     model.eval()
     return ModelPool(model, tokenizer, entries, context)

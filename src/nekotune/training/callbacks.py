@@ -123,7 +123,7 @@ class Interrupt:
         self.requested = True
         self.reporter.stopping()
 
-    def __enter__(self):
+    def __enter__(self) -> "Interrupt":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -131,7 +131,7 @@ class Interrupt:
                 pass
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 

@@ -93,7 +93,7 @@ def _trained_tokens_ce():
 _CE: Any = None
 
 
-def chunked_trained_loss(hidden, weight, labels, chunk: int | None = None):
+def chunked_trained_loss(hidden: Any, weight: Any, labels: Any, chunk: int | None = None) -> Any:
     """Mean cross-entropy over trained tokens, projecting only those hidden states to the
     vocabulary, chunk by chunk, so no full logits tensor ever exists."""
     import torch

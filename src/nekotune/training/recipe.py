@@ -20,10 +20,22 @@ from nekotune.config import Config
 from nekotune.data import PreparedData, Renderer, prepare
 from nekotune.errors import UserError
 from nekotune.io import atomic_write_text
-from nekotune.runs import (check_resume_compatible, claim_run_dir, is_disk_full, last_checkpoint,
-                           remove_incomplete_checkpoints, resume_checkpoint)
-from nekotune.training.callbacks import (Interrupt, Stats, TrainingInterrupted, TrainReporter, make_callbacks,
-                                         tensorboard_callback)
+from nekotune.runs import (
+    check_resume_compatible,
+    claim_run_dir,
+    is_disk_full,
+    last_checkpoint,
+    remove_incomplete_checkpoints,
+    resume_checkpoint,
+)
+from nekotune.training.callbacks import (
+    Interrupt,
+    Stats,
+    TrainingInterrupted,
+    TrainReporter,
+    make_callbacks,
+    tensorboard_callback,
+)
 from nekotune.training.report import plot_losses, save_adapter, write_run_json
 from nekotune.training.trainer import NonFiniteLoss, install_speedups, make_trainer_class
 
@@ -204,7 +216,9 @@ def lora_config(cfg: Config) -> Any:
     targets = cfg.lora.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets,
+    # peft annotates lora_alpha as int; it takes any number (the scale is alpha / r)
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]
+                      lora_dropout=cfg.lora.dropout, target_modules=targets,
                       modules_to_save=cfg.lora.modules_to_save, use_dora=cfg.lora.use_dora,
                       use_rslora=cfg.lora.use_rslora, bias="none", task_type="CAUSAL_LM")
 
@@ -271,7 +285,8 @@ def training_args(cfg: Config, run: Path, precision: Any, data: PreparedData, gr
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=min(t.logging_steps, max(1, steps_per_epoch)), logging_first_step=True,
         eval_strategy=eval_strategy, eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps,
+        # save_steps counts only with the "steps" strategy; 500 is the Trainer's own default
+        save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps or 500,
         # at least 2: a kill between rotating old checkpoints and marking the new one complete
         # must still leave one complete checkpoint
         save_total_limit=max(2, t.save_total_limit) if t.save_total_limit else None,

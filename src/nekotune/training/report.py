@@ -51,7 +51,8 @@ def write_run_json(cfg: Config, run: Path, data_stats: dict, state: Any, stats: 
         "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
         "tokens_seen": stats.tokens, "train_seconds": round(stats.train_time, 2),
         "tokens_per_second": round(stats.tokens / stats.train_time, 1) if stats.train_time else None,
-        "wall_seconds": round(time.time() - stats.start, 2), "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
+        "wall_seconds": round(time.time() - stats.start, 2),
+        "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
         "skipped_steps": stats.skipped_steps,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }

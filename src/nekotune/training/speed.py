@@ -15,15 +15,17 @@
 from __future__ import annotations
 
 import types
+from typing import Any
 
 ATTENTION_NAME = "nekotune_packed_sdpa"
 
 
-def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+def packed_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    position_ids = kwargs.get("position_ids")
+    position_ids: Any = kwargs.get("position_ids")
     packed = (position_ids is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
               and position_ids.shape[-1] == query.shape[2] and dropout == 0.0)
     if not packed:
@@ -48,7 +50,7 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
 MATMUL_ATTENTION_MAX_LEN = 256
 
 
-def causal_attention(q, k, v, scaling=None):
+def causal_attention(q: Any, k: Any, v: Any, scaling: float | None = None) -> Any:
     """Causal attention of one example, q [1, heads, L, d], k/v [1, kv_heads, L, d]."""
     import torch
     import torch.nn.functional as F
@@ -58,7 +60,7 @@ def causal_attention(q, k, v, scaling=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def grouped_matmul_attention(q, k, v, scaling=None):
+def grouped_matmul_attention(q: Any, k: Any, v: Any, scaling: float | None = None) -> Any:
     """Causal attention as two batched matmuls per key/value head, each query group stacked along
     the rows (no copies of key/value heads); softmax in fp32. On CPUs with bf16 units torch's flash
     kernel spends most of a training step's attention time in its backward pass; this is 1.6-2.0x
@@ -104,7 +106,7 @@ def register_packed_attention() -> str:
     return ATTENTION_NAME
 
 
-def use_packed_attention(model) -> bool:
+def use_packed_attention(model: Any) -> bool:
     """Switch a model that runs SDPA to the per-example version (no-op for flash attention)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "_attn_implementation", None) != "sdpa":
@@ -145,13 +147,14 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     return fused.view(result.shape)
 
 
-def fuse_lora_adds(model) -> int:
+def fuse_lora_adds(model: Any) -> int:
     """Give every plain LoRA Linear the fused forward; returns how many layers were changed."""
     from peft.tuners.lora import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
         if type(module) is LoraLinear and type(module.base_layer).__name__ == "Linear":
-            module.forward = types.MethodType(_fused_lora_forward, module)
+            # an instance patch, applied from trainer.install_speedups only
+            module.forward = types.MethodType(_fused_lora_forward, module)  # type: ignore[method-assign]
             count += 1
     return count

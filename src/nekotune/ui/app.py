@@ -10,12 +10,13 @@ The tabs are in tabs.py, what they share in workspace.py; commands/ui.py starts 
 from __future__ import annotations
 
 import os
+from typing import Any, Iterable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
 try:  # module level: gradio resolves the handlers' gr.Request annotations from here
     import gradio as gr
-except ImportError:  # commands.ui says how to install it
-    gr = None
+except ImportError:  # commands.ui says how to install it, before anything here runs
+    gr = None  # type: ignore[assignment]
 
 from nekotune.errors import UserError  # noqa: E402
 from nekotune.ui.tabs import build_chat_tab, build_compare_tab, build_export_tab, build_train_tab  # noqa: E402
@@ -25,7 +26,7 @@ CSS = "footer {display: none !important} #train-status {min-height: 3em}"
 
 
 # -- the app ---------------------------------------------------------------------------------
-def build_app(cfg, model_arg: str | None = None):
+def build_app(cfg: Any, model_arg: str | None = None) -> Any:
     """The Blocks app; `launch` serves it."""
     ws = Workspace(cfg, model_arg)
     with gr.Blocks(title="nekotune", analytics_enabled=False) as app:
@@ -48,13 +49,13 @@ def build_app(cfg, model_arg: str | None = None):
     return app
 
 
-def theme():
+def theme() -> Any:
     # System fonts: the default theme would fetch web fonts, and the UI must work offline.
     return gr.themes.Soft(font=["ui-sans-serif", "system-ui", "Noto Sans CJK SC", "sans-serif"],
                           font_mono=["ui-monospace", "monospace"])
 
 
-def private_events(app) -> None:
+def private_events(app: Any) -> None:
     """No event of this page is a public API endpoint.
 
     The page itself calls its events through Gradio's queue; marked private, they are left out
@@ -76,7 +77,8 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True, allow_hosts=(), auth=None):
+def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = True, allow_hosts: Iterable[str] = (),
+           auth: tuple[str, str] | None = None) -> Any:
     from starlette.middleware import Middleware
 
     from nekotune.serve.guard import HostGuard, host_policy

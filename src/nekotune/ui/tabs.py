@@ -12,10 +12,12 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local tool
 try:  # module level: gradio resolves the handlers' gr.Request annotations from here
     import gradio as gr
-except ImportError:  # commands.ui says how to install it
-    gr = None
+except ImportError:  # commands.ui says how to install it, before anything here runs
+    gr = None  # type: ignore[assignment]
+from typing import Any, Iterator
 
 import nekotune.api as api  # noqa: E402
+from nekotune.config import Config  # noqa: E402
 from nekotune.errors import UserError  # noqa: E402
 from nekotune.registry import GGUF_TYPES  # noqa: E402
 from nekotune.ui.workspace import Workspace, t  # noqa: E402
@@ -29,8 +31,8 @@ STATUS_WORDS = {"idle": t("idle", "空闲"), "starting": t("starting", "启动�
                 "stopped": t("stopped", "已停止"), "error": t("error", "出错")}
 
 
-def training_config(ws: Workspace, model, data_path, system, r, alpha, lr, epochs, max_steps, batch_size,
-                    max_seq_len, run_name):
+def training_config(ws: Workspace, model: str, data_path: str, system: str, r: float, alpha: float, lr: float,
+                    epochs: float, max_steps: float, batch_size: float, max_seq_len: float, run_name: str) -> Config:
     from nekotune.config import deep_merge, validate
 
     if not (data_path or "").strip():
@@ -50,7 +52,7 @@ def training_config(ws: Workspace, model, data_path, system, r, alpha, lr, epoch
     return cfg
 
 
-def train_status(ws: Workspace):
+def train_status(ws: Workspace) -> tuple[str, Any]:
     import pandas as pd
 
     s = ws.job.snapshot()
@@ -69,7 +71,7 @@ def train_status(ws: Workspace):
     return text, curve
 
 
-def start_training(ws: Workspace, *values):
+def start_training(ws: Workspace, *values: Any) -> tuple[str, Any]:
     try:
         ws.job.start(training_config(ws, *values))
     except UserError as exc:
@@ -107,7 +109,11 @@ def build_train_tab(ws: Workspace) -> None:
                        elem_id="loss-plot", height=300)
     inputs = [model, data_path, system, r, alpha, lr, epochs, max_steps, batch, seq, run_name]
     start.click(lambda *v: start_training(ws, *v), inputs, [status, plot])
-    stop.click(lambda: (ws.job.stop(), train_status(ws))[1], None, [status, plot])
+    def stop_training():
+        ws.job.stop()
+        return train_status(ws)
+
+    stop.click(stop_training, None, [status, plot])
     gr.Timer(1.0).tick(lambda: train_status(ws), None, [status, plot], show_progress="hidden")
 
 
@@ -129,8 +135,9 @@ def _settings(loaded, temperature, max_new_tokens, top_p, top_k, repetition_pena
                                    repetition_penalty=float(repetition_penalty))
 
 
-def chat_reply(ws: Workspace, message, history, model, system, temperature, max_new_tokens, top_p, top_k,
-               repetition_penalty, request):
+def chat_reply(ws: Workspace, message: str, history: list, model: str, system: str, temperature: float,
+               max_new_tokens: float, top_p: float, top_k: float, repetition_penalty: float, request: Any,
+               ) -> Iterator[tuple[list, str]]:
     """Stream the answer into the chat, one piece at a time."""
     from nekotune.data.formats import Conversation, Turn
     from nekotune.generate import stream
@@ -156,7 +163,7 @@ def chat_reply(ws: Workspace, message, history, model, system, temperature, max_
         yield shown, ""
 
 
-def stop_chat(ws: Workspace, request) -> None:
+def stop_chat(ws: Workspace, request: Any) -> None:
     event = ws.chat_stops.get(request.session_hash)
     if event is not None:
         event.set()
@@ -209,7 +216,7 @@ def compare_table(prompt: str, answers: dict[str, str]) -> str:
             f"<tr>{head}</tr><tr>{cells}</tr></table>")
 
 
-def compare_models(ws: Workspace, prompt, models, system, max_new_tokens):
+def compare_models(ws: Workspace, prompt: Any, models: Any, system: Any, max_new_tokens: Any) -> Iterator[str]:
     """Greedy answers, one model after the other, shown as each arrives."""
     from nekotune.data.formats import Conversation, Turn
     from nekotune.generate import GenSettings, generate
@@ -250,7 +257,8 @@ def build_compare_tab(ws: Workspace) -> dict:
 def default_export_path(model: str, action: str, gguf_type: str, root: str | Path = "outputs") -> Path:
     """Next to the run, never inside it: an export may not write into what it reads."""
     name = Path(str(model).rstrip("/\\")).name or "model"
-    return Path(root) / {"merge": f"{name}-merged", "gguf": f"{name}-{gguf_type}.gguf", "ollama": f"{name}-ollama"}[action]
+    names = {"merge": f"{name}-merged", "gguf": f"{name}-{gguf_type}.gguf", "ollama": f"{name}-ollama"}
+    return Path(root) / names[action]
 
 
 def export_path(ws: Workspace, out: str | None, model: str, action: str, gguf_type: str) -> Path:
@@ -268,7 +276,7 @@ def export_path(ws: Workspace, out: str | None, model: str, action: str, gguf_ty
     return inside_root(path, root, t("Output path", "输出路径"))
 
 
-def run_export(ws: Workspace, model, action, gguf_type, dtype, low_memory, out):
+def run_export(ws: Workspace, model: Any, action: Any, gguf_type: Any, dtype: Any, low_memory: Any, out: Any) -> str:
     """The same functions as `nekotune merge` / `nekotune export gguf|ollama` (nekotune.api)."""
     if not model:
         raise gr.Error(t("pick a run to export", "请选择要导出的运行"))
@@ -306,7 +314,8 @@ def build_export_tab(ws: Workspace) -> dict:
         low_memory = gr.Checkbox(False, label=t("Low memory (shard by shard)", "低内存（逐分片）"))
     root = ws.cfg.output.root
     out = gr.Textbox("", label=t(f"Output path inside {root}/ (empty: <run>-merged, <run>-<type>.gguf, <run>-ollama)",
-                                 f"输出路径，须在 {root}/ 内（留空：<运行>-merged、<运行>-<类型>.gguf、<运行>-ollama）"))
+                                 f"输出路径，须在 {root}/ 内"
+                                 f"（留空：<运行>-merged、<运行>-<类型>.gguf、<运行>-ollama）"))
     run = gr.Button(t("Export", "导出"), variant="primary")
     log = gr.Markdown()
     run.click(lambda *v: run_export(ws, *v), [model, action, gguf_type, dtype, low_memory, out], log)

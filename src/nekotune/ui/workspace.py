@@ -8,6 +8,7 @@ import traceback
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from nekotune.errors import UserError
 from nekotune.runs import list_runs
@@ -22,13 +23,13 @@ def t(en: str, zh: str) -> str:
 class ModelCache:
     """The last few models used by Chat and Compare, each loaded once (loading takes seconds)."""
 
-    def __init__(self, cfg, keep: int = 2):
+    def __init__(self, cfg: Any, keep: int = 2):
         self.cfg = cfg
         self.keep = keep
         self.models: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, model_arg: str):
+    def get(self, model_arg: str) -> Any:
         from nekotune.model import load_for_inference
 
         with self.lock:
@@ -50,13 +51,14 @@ class TrainingJob:
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.flag = SimpleNamespace(requested=False)
-        self.state = {"status": "idle", "step": 0, "max_steps": 0, "losses": [], "run": None, "message": ""}
+        self.state: dict[str, Any] = {"status": "idle", "step": 0, "max_steps": 0, "losses": [], "run": None,
+                                      "message": ""}
 
     @property
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def start(self, cfg) -> None:
+    def start(self, cfg: Any) -> None:
         with self.lock:
             if self.running:
                 raise UserError("a training is already running; stop it first")
@@ -116,7 +118,7 @@ class TrainingJob:
 class Workspace:
     """What every tab shares: the config, the default model, loaded models and the training job."""
 
-    def __init__(self, cfg, model_arg: str | None = None):
+    def __init__(self, cfg: Any, model_arg: str | None = None):
         self.cfg = cfg
         self.default_model = model_arg or cfg.model.name_or_path
         self.cache = ModelCache(cfg)

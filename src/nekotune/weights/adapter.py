@@ -30,11 +30,11 @@ class LoraLayer:
     magnitude: Any = None  # DoRA: one learned norm per output row
     embedding: bool = False
 
-    def delta(self):
+    def delta(self) -> Any:
         product = self.b.float() @ self.a.float()
         return (product.T if self.embedding else product) * self.scaling
 
-    def merge_into(self, weight):
+    def merge_into(self, weight: Any) -> Any:
         merged = weight + self.delta()
         if self.magnitude is None:
             return merged
@@ -50,7 +50,7 @@ class Adapter:
     path: Path
     config: dict
     layers: dict[str, LoraLayer] = field(default_factory=dict)  # base tensor name -> LoRA
-    replacements: dict[str, object] = field(default_factory=dict)  # modules_to_save: name -> full tensor
+    replacements: dict[str, Any] = field(default_factory=dict)  # modules_to_save: name -> full tensor
     nbytes: int = 0
 
     @classmethod
@@ -94,11 +94,11 @@ class Adapter:
     def _scaling(self, module: str, rank: int) -> float:
         from peft.utils.other import get_pattern_key
 
-        alphas = self.config.get("alpha_pattern") or {}
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), self.config.get("lora_alpha", 8))
+        alphas: dict = self.config.get("alpha_pattern") or {}
+        alpha = float(alphas.get(get_pattern_key(list(alphas), module), self.config.get("lora_alpha", 8)))
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
-    def merge(self, name: str, weight):
+    def merge(self, name: str, weight: Any) -> Any:
         """The merged value of one base tensor (fp32 in, fp32 out)."""
         if name in self.replacements:
             return self.replacements[name].float()

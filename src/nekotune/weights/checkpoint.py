@@ -48,7 +48,7 @@ class BaseCheckpoint:
     def file_of(self) -> dict[str, str]:
         return {name: file for file, names in self.shards.items() for name in names}
 
-    def get(self, name: str):
+    def get(self, name: str) -> Any:
         from safetensors import safe_open
 
         # Opened per tensor so the memory map (counted in RSS once touched) is released at once.

@@ -34,7 +34,7 @@ class MergedModel:
         return [n for names in self.shards.values() for n in names]
 
 
-def streamed_merge(base: BaseCheckpoint, adapter: Adapter | None, roundtrip=None) -> MergedModel:
+def streamed_merge(base: BaseCheckpoint, adapter: Adapter | None, roundtrip: Any = None) -> MergedModel:
     """The low-memory merge: each tensor is read, merged and handed on alone."""
     shards = {f: list(n) for f, n in base.shards.items()}
     shapes = dict(base.shapes)
@@ -170,9 +170,9 @@ def open_merged(spec: ModelSource, cfg: Config, low_memory: bool = True,
     if spec.adapter is None or low_memory:
         base = BaseCheckpoint.open(base_dir)
         return streamed_merge(base, Adapter.load(spec.adapter) if spec.adapter else None, roundtrip)
-    base = BaseCheckpoint.open(base_dir) if has_safetensors(base_dir) else None
-    dtype = compute_dtype or (base.weights_dtype if base else "float32")
-    return inmemory_merge(spec, cfg.model, dtype, base, roundtrip)
+    layout = BaseCheckpoint.open(base_dir) if has_safetensors(base_dir) else None
+    dtype = compute_dtype or (layout.weights_dtype if layout else "float32")
+    return inmemory_merge(spec, cfg.model, dtype, layout, roundtrip)
 
 
 def _has_safetensors(path: Path) -> bool:

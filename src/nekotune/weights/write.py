@@ -22,8 +22,14 @@ from nekotune.config import Config
 from nekotune.errors import UserError
 from nekotune.io import read_json
 from nekotune.model.source import MERGE_INFO, ModelSource
-from nekotune.weights.checkpoint import (DTYPES, SAFETENSORS_DTYPES, BaseCheckpoint, has_safetensors, local_model_dir,
-                                         torch_dtype)
+from nekotune.weights.checkpoint import (
+    DTYPES,
+    SAFETENSORS_DTYPES,
+    BaseCheckpoint,
+    has_safetensors,
+    local_model_dir,
+    torch_dtype,
+)
 from nekotune.weights.merged import MergedModel, open_merged
 
 WRITTEN_BY = "nekotune merge"  # the marker of a merged directory (nekotune.io)
@@ -158,7 +164,7 @@ def merge(cfg: Config, model_arg: str | None, out: str, low_memory: bool = False
     return MergeResult(out_path, spec.adapter, spec.base, len(merged.shards), total, out_dtype, low_memory)
 
 
-def size_text(nbytes: int) -> str:
+def size_text(nbytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if nbytes < 1024 or unit == "GB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
