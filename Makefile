@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench fuzz install clean
+.PHONY: demo test test-fast lint bench fuzz install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ $(BROWSER):
 	-(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-zenhei) >/dev/null 2>&1 \
 	  || echo "could not install chromium: the web UI tests will be skipped"
 
-test: $(STAMP) $(BROWSER)
+# ruff and mypy (settings in pyproject.toml; mypy keeps its cache in .mypy_cache) before the suite
+lint: $(STAMP)
+	$(BIN)/ruff check src bench
+	$(BIN)/mypy
+
+test: $(STAMP) $(BROWSER) lint
 	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)
@@ -41,4 +46,4 @@ fuzz: $(STAMP)
 	NEKOTUNE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests -k fuzz
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info
+	rm -rf $(VENV) outputs build *.egg-info .mypy_cache .ruff_cache
