@@ -77,18 +77,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 @contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """A temporary path next to `target`, fsynced and renamed over it on success."""
-    target = Path(target)
+def _beside(target: Path) -> Iterator[tuple[int, Path]]:
+    """A new private file next to `target` (its descriptor and path), removed again if the block
+    fails; a full disk becomes disk_full_error. The block renames it over `target` when done."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, FILE_MODE)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        yield fd, Path(tmp)
         _fsync_dir(target.parent)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -102,9 +97,28 @@ def atomic_file(target: Path) -> Iterator[Path]:
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> None:
     """Write an iterable of byte chunks to `path` atomically (large files stream through)."""
-    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as fh:
-        for chunk in chunks:
-            fh.write(chunk)
+    path = Path(path)
+    with _beside(path) as (fd, tmp):
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes it private; the result is an ordinary file
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """A temporary path next to `target`, fsynced and renamed over it on success."""
+    target = Path(target)
+    with _beside(target) as (fd, tmp):
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, FILE_MODE)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
 
 
 def read_json(path: str | Path) -> Any:
