@@ -297,7 +297,7 @@ def test_lone_surrogates_are_400(api, where):
 
 
 def test_internal_errors_are_logged_not_echoed(api, monkeypatch, caplog):
-    import nekotune.commands.serve as api_module
+    import nekotune.serve.api as api_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret detail /home/someone/.cache/token")
@@ -356,7 +356,7 @@ def test_docs_are_off_when_a_key_is_set(pool):
 @pytest.fixture
 def gated_stream(monkeypatch):
     """Generations that yield one piece and then wait for the test to let them finish."""
-    import nekotune.commands.serve as api_module
+    import nekotune.serve.api as api_module
 
     gate = threading.Event()
 
