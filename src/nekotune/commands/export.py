@@ -41,12 +41,13 @@ def _gguf_bar(type_name: str, console):
 
 
 @command
-def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0") -> Path:
+def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0",
+                   imatrix: str | None = None) -> Path:
     from nekotune.api import export_gguf
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = export_gguf(model_arg, out, type, cfg, progress=progress)
+        done = export_gguf(model_arg, out, type, cfg, progress=progress, imatrix=imatrix)
     console.print(f"wrote {done.path} ({done.type}, {done.size}) from {done.source}", soft_wrap=True)
     console.print(f"check it against transformers: nekotune export verify {done.path}"
                   + (f" --model {model_arg}" if model_arg else ""), soft_wrap=True, markup=False)
@@ -54,12 +55,13 @@ def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8
 
 
 @command
-def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0") -> Path:
+def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
+                   imatrix: str | None = None) -> Path:
     from nekotune.api import export_ollama
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = export_ollama(model_arg, out, type, cfg, progress=progress)
+        done = export_ollama(model_arg, out, type, cfg, progress=progress, imatrix=imatrix)
     if done.warning:
         console.print(f"[yellow]warning:[/] {done.warning}")
     console.print(f"wrote {done.export.path}/Modelfile and {done.export.gguf.name} ({done.export.type}, "
