@@ -197,11 +197,12 @@ def export_ollama(model: str | os.PathLike | None, out: str | os.PathLike, type:
 
 
 def verify(gguf: str | os.PathLike, model: str | os.PathLike | None = None, cfg: Config | None = None, *,
-           limit: int | None = None) -> VerifyReport:
-    """`nekotune export verify`: llama.cpp on the GGUF against transformers on its source."""
+           limit: int | None = None, reference: str | os.PathLike | None = None) -> VerifyReport:
+    """`nekotune export verify`: llama.cpp on the GGUF against transformers on its source; the
+    fixed text's divergence against `reference` (a GGUF, e.g. the f16 export) or the source."""
     from nekotune.export.verify import Verification
 
-    with Verification(_cfg(cfg), os.fspath(gguf), _arg(model), limit) as check:
+    with Verification(_cfg(cfg), os.fspath(gguf), _arg(model), limit, _arg(reference)) as check:
         return check.run()
 
 

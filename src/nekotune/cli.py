@@ -115,7 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif args.what == "ollama":
         export.ollama_command(cfg, args.model, args.out, args.type, imatrix=args.imatrix)
     else:
-        return export.verify_command(cfg, args.file, args.model)
+        return export.verify_command(cfg, args.file, args.model, reference=args.reference)
     return 0
 
 
@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     pv = esub.add_parser("verify")
     pv.add_argument("file")
     _model(pv, "source model to compare with (default: the latest run)")
+    pv.add_argument("--reference", default=None, metavar="GGUF",  # issue 20
+                    help="compare next-token distributions on the fixed text with this GGUF (e.g. the f16 "
+                         "export) instead of the source model in transformers")
     _rest(pv)
     pv.set_defaults(func=cmd_export)
 
