@@ -32,7 +32,7 @@ class ModelShape:
     is_70b: bool = False
 
     @classmethod
-    def from_config(cls, config: dict, arch: str, has_output: bool) -> "ModelShape":
+    def from_config(cls, config: dict, arch: str, has_output: bool) -> ModelShape:
         heads = config["num_attention_heads"]
         kv = config.get("num_key_value_heads") or heads
         n_layer = config["num_hidden_layers"]

@@ -9,12 +9,15 @@ Layout: every function takes blocks as the COLUMNS of a 2-D float32 array, shape
 holds element i of all B blocks. A sum over a block is then a sum of n contiguous vectors, and a
 per-block value broadcasts along rows, which keeps every step a long SIMD loop in NumPy.
 
-Each search is the algorithm of the llama.cpp function named in its docstring, written anew:
-candidates are evaluated for all blocks at once and only the winning candidate's index is kept,
-so the levels are recomputed once at the end instead of being copied per candidate. Errors are
-computed from running sums (sum w*l, w*l^2, w*x*l) rather than a second pass over the block.
-Rounding is round-half-to-even like llama.cpp's nearest_int; results can differ from llama.cpp's
-in the last bit of a product, which flips an occasional level at an exact tie and nothing else.
+Bit-exact by construction: llama.cpp's quantizers live in libggml-base, built without FMA or
+fast-math, so each of its float32 expressions rounds in source order. Here every product is
+formed in the same order ((w*l)*x, not w*(l*x)), every error is summed directly rather than from
+the normal equations, and every block sum is `a.sum(axis=0)` on the (n, B) layout, which NumPy
+accumulates row after row: element 0 first, as llama.cpp's loops do (pairwise summation, NumPy's
+default along a contiguous axis, would round differently). A candidate that wins by the last bit
+in llama.cpp therefore wins here too: the blocks come out byte for byte the same (the tests check
+it against libggml-base), where an algebraically equal but differently rounded search flipped
+ties in about 0.5% of Q5_K blocks, enough to move top-1 agreement on the demo model by 1.6 points.
 """
 
 from __future__ import annotations
@@ -25,12 +28,10 @@ F32 = np.float32
 EPS = F32(1e-15)  # llama.cpp's GROUP_MAX_EPS: below it a block is all zeros
 
 
-def _dot(a, b):
-    return np.einsum("ij,ij->j", a, b)
-
-
-def _dot3(a, b, c):
-    return np.einsum("ij,ij,ij->j", a, b, c)
+def _sum(a):
+    """Each column's sum, element 0 first (see the module docstring); `a` is float32, and so is
+    the sum (asking for dtype= explicitly takes a buffered loop four times slower)."""
+    return a.sum(axis=0)
 
 
 def signed_absmax(x):
@@ -39,45 +40,56 @@ def signed_absmax(x):
     return x[idx, np.arange(x.shape[1])]
 
 
-def symmetric_search(x, w, nmax: int, steps=range(-9, 10)):
+def _signed_levels(x, iscale, nmax: int, out):
+    np.multiply(x, iscale, out=out)
+    np.rint(out, out=out)  # nearest_int: round half to even, in float32
+    return np.clip(out, -nmax, nmax - 1, out=out)
+
+
+def symmetric_search(x, w, nmax: int):
     """make_qx_quants(rmse_type=1): signed levels -nmax..nmax-1, scale d with x ~ d*l.
 
-    Tries iscale = -(nmax + 0.1*s)/max for each step s (s=0 first) and keeps the first scale
-    that maximizes (sum w*x*l)^2 / sum w*l^2, i.e. minimizes the weighted error after refitting
-    d. `w` None means llama.cpp's default weights x^2. Returns (d, levels offset by nmax, so
-    0..2*nmax-1); both are recomputed once from the winning step, not tracked per step.
+    Tries iscale = -(nmax + 0.1*s)/max for s = 0, then -9..9, and keeps a candidate only if
+    (sum w*x*l)^2 > best * sum w*l^2, best = d * sum w*x*l of the kept one: the least weighted
+    error after refitting d. `w` None means llama.cpp's default weights x^2. Returns (d, levels
+    offset by nmax, 0..2*nmax-1; 0 in an all-zero block); the levels are recomputed once from the
+    winning iscale, not copied at every improvement.
     """
+    top = signed_absmax(x)
+    zero = np.abs(top) < EPS
+    safe = np.where(zero, F32(1), top)
+    w = x * x if w is None else w
+    wx = w * x
+    lv = np.empty_like(x)
+    tmp = np.empty_like(x)
+
+    def sums(iscale):
+        _signed_levels(x, iscale, nmax, lv)
+        np.multiply(wx, lv, out=tmp)
+        sumlx = _sum(tmp)
+        np.multiply(w, lv, out=tmp)
+        np.multiply(tmp, lv, out=tmp)
+        return sumlx, _sum(tmp)
+
+    best_is = F32(-nmax) / safe
+    sumlx, suml2 = sums(best_is)
     with np.errstate(divide="ignore", invalid="ignore"):
-        top = signed_absmax(x)
-        zero = np.abs(top) < EPS
-        v = x / np.where(zero, F32(1), top)
-        w = x * x if w is None else w
-        wx = w * x
-        lv = np.empty_like(x)
-        best, best_k = None, None
-        for s in [0] + [s for s in steps if s != 0]:
-            k = F32(nmax) + F32(0.1) * F32(s)
-            _signed_levels(v, -k, nmax, lv)
-            sumlx = _dot(wx, lv)
-            gain = sumlx * sumlx / _dot3(w, lv, lv)  # NaN where sum w*l^2 is 0: never better
-            if best is None:
-                best, best_k = np.nan_to_num(gain, nan=0.0, posinf=0.0), np.full_like(gain, k)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for s in range(-9, 10):
+            if s == 0:
                 continue
-            better = gain > best
-            best = np.where(better, gain, best)
-            best_k = np.where(better, k, best_k)
-        _signed_levels(v, -best_k, nmax, lv)
-        suml2 = _dot3(w, lv, lv)
-        d = np.where(suml2 > 0, _dot(wx, lv) / suml2, F32(0))
+            iscale = -(F32(nmax) + F32(0.1) * F32(s)) / safe
+            sumlx, suml2 = sums(iscale)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if better.any():
+                scale = np.where(better, sumlx / suml2, scale)
+                best = np.where(better, scale * sumlx, best)
+                best_is = np.where(better, iscale, best_is)
+    _signed_levels(x, best_is, nmax, lv)
     lv += nmax
     lv[:, zero] = 0
-    return np.where(zero, F32(0), d).astype(F32), lv
-
-
-def _signed_levels(v, k, nmax: int, out):
-    np.multiply(v, k, out=out)
-    np.rint(out, out=out)
-    return np.clip(out, -nmax, nmax - 1, out=out)
+    return np.where(zero, F32(0), scale).astype(F32), lv
 
 
 def min_scale_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False):
@@ -87,63 +99,66 @@ def min_scale_search(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, us
     s = 0..nstep, rounds x - min, refits d and min by weighted least squares (min clamped to
     <= 0) and keeps the fit with the least weighted error (absolute error with use_mad, as
     Q2_K does). As in llama.cpp, an accepted fit's min becomes the origin of the later
-    candidates: that moving origin is part of why its scales beat a fixed grid (about 1% less
-    error on Q4_K), so it is kept here although it makes each step two broadcasts, not one.
-    Returns (d, m, levels); the levels are recomputed once from the winning candidate's origin
-    and iscale rather than copied at every improvement.
+    candidates. Returns (d, m, levels); the levels are recomputed once from the winning
+    candidate's origin and iscale rather than copied at every improvement.
     """
     with np.errstate(divide="ignore", invalid="ignore"):
         return _min_scale_search(x, w, nmax, rmin, rdelta, nstep, use_mad)
 
 
+def _error(x, w, lv, d, mn, use_mad, out):
+    """sum w * (d*l + mn - x)^2 (or |.|), in llama.cpp's order of operations."""
+    np.multiply(lv, d, out=out)
+    out += mn
+    out -= x
+    if use_mad:
+        np.abs(out, out=out)
+    else:
+        out *= out
+    out *= w
+    return _sum(out)
+
+
 def _min_scale_search(x, w, nmax, rmin, rdelta, nstep, use_mad):
     lo = np.minimum(x.min(axis=0), F32(0))
     hi = x.max(axis=0)
-    flat = hi == lo
-    sw = w.sum(axis=0)
+    flat = hi == lo  # llama.cpp returns at once: d 0, m -lo, levels 0
+    hi = np.where(flat, lo + F32(1), hi)  # so no span below is 0; a flat block never moves
+    sw = _sum(w)
     wx = w * x
-    sx = wx.sum(axis=0)
-    lv = np.empty_like(x)
-    iscale = np.where(flat, F32(0), F32(nmax) / (hi - lo))
-    d0 = np.where(flat, F32(0), F32(1) / np.where(flat, F32(1), iscale))
+    sx = _sum(wx)
+    lv, tmp, tmp2 = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    iscale = F32(nmax) / (hi - lo)
+    best_d = F32(1) / iscale
+    best_m = lo
     _levels(x, lo, iscale, nmax, lv)
-    if use_mad:
-        best = _abs_error(x, w, lv, d0, lo)
-    else:  # the min/max fit is not a least-squares fit: its error needs every term
-        d64, m64 = d0.astype(np.float64), lo.astype(np.float64)
-        sl, sl2, sxl = _dot(w, lv), _dot3(w, lv, lv), _dot(wx, lv)
-        best = (d64 * (d64 * sl2 - 2 * sxl + 2 * m64 * sl) + m64 * (m64 * sw - 2 * sx)).astype(F32)
-    best_d, best_m, won_origin, won_iscale = d0, lo, lo.copy(), iscale
+    best = _error(x, w, lv, best_d, lo, use_mad, tmp)
+    best[flat] = -np.inf
+    won_origin, won_iscale = lo, iscale
     for s in range(nstep + 1):
-        k = F32(rmin) + F32(rdelta) * F32(s) + F32(nmax)
-        span = hi - best_m  # 0 only in degenerate blocks (all x <= 0 refitted to min 0)
-        iscale = np.where(span > 0, k / np.where(span > 0, span, F32(1)), F32(0))
+        iscale = (F32(rmin) + F32(rdelta) * F32(s) + F32(nmax)) / (hi - best_m)
         origin = best_m
         _levels(x, origin, iscale, nmax, lv)
-        sl, sl2, sxl = _dot(w, lv), _dot3(w, lv, lv), _dot(wx, lv)
+        np.multiply(w, lv, out=tmp)
+        sl = _sum(tmp)
+        sxl = _sum(np.multiply(tmp, x, out=tmp2))
+        tmp *= lv
+        sl2 = _sum(tmp)
         det = sw * sl2 - sl * sl
-        d = (sw * sxl - sx * sl) / det
         mn = (sl2 * sx - sl * sxl) / det
-        clamp = mn > 0
-        np.copyto(d, sxl / sl2, where=clamp)
-        mn[clamp] = 0
-        # a least-squares fit satisfies its normal equations, so its error is
-        # sum w*x^2 - d*sum w*x*l - mn*sum w*x; sum w*x^2 is the same for every candidate
-        score = _abs_error(x, w, lv, d, mn) if use_mad else -(d * sxl + mn * sx)
-        better = (det > 0) & (score < best)
+        d = np.where(mn > 0, sxl / sl2, (sw * sxl - sx * sl) / det)
+        mn = np.minimum(mn, F32(0))  # a positive min is clamped to 0 (and d refitted above)
+        score = _error(x, w, lv, d, mn, use_mad, tmp)
+        better = (score < best) & (det > 0)
         if better.any():
             best = np.where(better, score, best)
             best_d = np.where(better, d, best_d)
             best_m = np.where(better, mn, best_m)
-            np.copyto(won_origin, origin, where=better)
+            won_origin = np.where(better, origin, won_origin)
             won_iscale = np.where(better, iscale, won_iscale)
-    return best_d.astype(F32), (-best_m).astype(F32), _levels(x, won_origin, won_iscale, nmax, lv)
-
-
-def _abs_error(x, w, lv, d, mn):
-    diff = lv * d - x
-    diff += mn
-    return _dot(w, np.abs(diff))
+    _levels(x, won_origin, won_iscale, nmax, lv)
+    lv[:, flat] = 0
+    return np.where(flat, F32(0), best_d).astype(F32), (-best_m).astype(F32), lv
 
 
 def _levels(x, origin, iscale, nmax: int, out):
@@ -153,22 +168,13 @@ def _levels(x, origin, iscale, nmax: int, out):
     return np.clip(out, 0, nmax, out=out)
 
 
-def q3_search(x, nmax: int = 4):
-    """make_q3_quants(do_rmse=True): levels -nmax..nmax-1, weights x^2, then up to five passes
-    of coordinate descent (each level in turn moved to its best value given the others).
+def _descend(x, w, wx, lv, sumlx, suml2, lo: int, hi: int, need_sl2_new: bool):
+    """Up to five passes of llama.cpp's coordinate descent (make_q3_quants, make_qp_quants):
+    each level in turn moves to its best value given the others, if that lowers the error.
 
     The passes run element by element but across all blocks at once; a block that stops
     changing stays unchanged, so running every block for the same passes gives llama.cpp's
-    per-block early stop. Returns (d, levels offset by nmax).
-    """
-    top = signed_absmax(x)
-    zero = np.abs(top) < EPS
-    iscale = F32(-nmax) / np.where(zero, F32(1), top)
-    lv = np.clip(np.rint(x * iscale), -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = _dot(wx, lv)
-    suml2 = _dot3(w, lv, lv)
+    per-block early stop."""
     for _ in range(5):
         changed = False
         for i in range(x.shape[0]):
@@ -176,10 +182,11 @@ def q3_search(x, nmax: int = 4):
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
             with np.errstate(divide="ignore", invalid="ignore"):
-                new = np.clip(np.rint(x[i] * sl2 / slx), -nmax, nmax - 1)
+                new = np.clip(np.rint(x[i] * sl2 / slx), lo, hi)
             slx_new = slx + wxi * new
             sl2_new = sl2 + wi * new * new
-            take = (slx > 0) & (new != li) & (sl2_new > 0) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            take = (slx > 0) & (new != li) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
+            take &= (sl2_new > 0) if need_sl2_new else (sl2 > 0)
             if take.any():
                 changed = True
                 lv[i] = np.where(take, new, li)
@@ -187,6 +194,19 @@ def q3_search(x, nmax: int = 4):
                 suml2 = np.where(take, sl2_new, suml2)
         if not changed:
             break
+    return sumlx, suml2
+
+
+def q3_search(x, nmax: int = 4):
+    """make_q3_quants(do_rmse=True): levels -nmax..nmax-1 from iscale = -nmax/max, weights x^2,
+    then coordinate descent. Returns (d, levels offset by nmax; 0 in an all-zero block)."""
+    top = signed_absmax(x)
+    zero = np.abs(top) < EPS
+    iscale = F32(-nmax) / np.where(zero, F32(1), top)
+    lv = _signed_levels(x, iscale, nmax, np.empty_like(x))
+    w = x * x
+    wx = w * x
+    sumlx, suml2 = _descend(x, w, wx, lv, _sum(wx * lv), _sum(w * lv * lv), -nmax, nmax - 1, True)
     with np.errstate(divide="ignore", invalid="ignore"):
         d = np.where(suml2 > 0, sumlx / suml2, F32(0))
     lv += nmax
@@ -197,40 +217,22 @@ def q3_search(x, nmax: int = 4):
 def positive_search(x, nmax: int, w):
     """make_qp_quants: quantize non-negative values (the sub-block scales of a super-block) to
     0..nmax with one scale, weighted by w: nine candidate scales, then coordinate descent."""
-    n, b = x.shape
-    top = x.max(axis=0)
+    top = np.maximum(x.max(axis=0), F32(0))
     zero = top < EPS
     safe = np.where(zero, F32(1), top)
-    best_mse = np.full(b, np.inf)
     best_is = F32(nmax) / safe
-    for s in (0, -4, -3, -2, -1, 1, 2, 3, 4):
+    diff = x - (F32(1) / best_is) * np.rint(best_is * x)  # the first candidate is not clamped
+    best_mse = _sum(w * diff * diff)
+    for s in (-4, -3, -2, -1, 1, 2, 3, 4):
         iscale = (F32(0.1) * F32(s) + F32(nmax)) / safe
-        lv = np.minimum(np.rint(iscale * x), nmax)
-        diff = x - lv / iscale
-        mse = _dot3(w, diff, diff).astype(np.float64)
+        diff = x - (F32(1) / iscale) * np.minimum(np.rint(iscale * x), nmax)
+        mse = _sum(w * diff * diff)
         better = mse < best_mse
         best_mse = np.where(better, mse, best_mse)
         best_is = np.where(better, iscale, best_is)
     lv = np.minimum(np.rint(best_is * x), nmax)
     wx = w * x
-    sumlx, suml2 = _dot(wx, lv), _dot3(w, lv, lv)
-    for _ in range(5):
-        changed = False
-        for i in range(n):
-            slx = sumlx - wx[i] * lv[i]
-            sl2 = suml2 - w[i] * lv[i] * lv[i]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                new = np.minimum(np.rint(x[i] * sl2 / slx), nmax)
-            slx_new = slx + wx[i] * new
-            sl2_new = sl2 + w[i] * new * new
-            take = (slx > 0) & (sl2 > 0) & (new != lv[i]) & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new)
-            if take.any():
-                changed = True
-                lv[i] = np.where(take, new, lv[i])
-                sumlx = np.where(take, slx_new, sumlx)
-                suml2 = np.where(take, sl2_new, suml2)
-        if not changed:
-            break
+    sumlx, suml2 = _descend(x, w, wx, lv, _sum(wx * lv), _sum(w * lv * lv), -(2**30), nmax, False)
     with np.errstate(divide="ignore", invalid="ignore"):
         d = np.where(suml2 > 0, sumlx / suml2, F32(0))
     lv[:, zero] = 0

@@ -44,19 +44,29 @@ def _block_weights(qw, nblocks: int, n: int):
 
 
 def _sigma2(x, per: int, factor: float, n: int):
-    """llama.cpp's sigma2 = factor * mean(x^2) over `per` elements, repeated for each n-block."""
-    s = factor * (x.reshape(-1, per) ** 2).sum(axis=1) / per
+    """llama.cpp's sigma2 = factor * sum(x^2) / per over `per` elements, repeated for each
+    n-block; summed element 0 first like its loop (quant_search's note on rounding)."""
+    xc = _columns(x, per)
+    s = F32(factor) * qs._sum(xc * xc) / F32(per)
     return np.repeat(s, per // n)
 
 
-def _requant(xc, d, m, nmax: int):
-    """Levels for the stored (fp16-rounded, 6-bit) sub-block scale and min; 0 where d is 0."""
+def _requant(xc, d, m, nmax: int, searched):
+    """Levels for the stored (fp16-rounded, 6-bit) sub-block scale and min. Where the stored
+    scale is 0 llama.cpp keeps the search's levels (any level decodes to the same value then);
+    so do we, for the same bytes."""
     ok = d != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         lv = np.rint((xc + m) / np.where(ok, d, F32(1)))
     np.clip(lv, 0, nmax, out=lv)
-    lv[:, ~ok] = 0
+    lv[:, ~ok] = searched[:, ~ok]
     return lv
+
+
+def _byte_levels(r, top: int):
+    """min(top, (uint8_t)nearest_int(v)): llama.cpp stores the rounded scale in a byte first, so
+    a negative one wraps (to at least `top`) instead of clamping to 0."""
+    return np.minimum(np.mod(r, 256), top)
 
 
 def _rows(lv, nblocks: int, n: int):
@@ -72,27 +82,27 @@ def _scale_min_k(x, qw, nmax: int):
     if qw is None:  # quantize_row_q{4,5}_K_ref
         w = np.sqrt((xc * xc).sum(axis=0) / 32) + np.abs(xc)
         rmin, rdelta, nstep = (-1.0, 0.1, 20) if nmax == 15 else (-0.5, 0.1, 15)
-        d, m, _ = qs.min_scale_search(xc, w, nmax, rmin, rdelta, nstep)
+        d, m, searched = qs.min_scale_search(xc, w, nmax, rmin, rdelta, nstep)
         d, m = d.reshape(nsb, 8), m.reshape(nsb, 8)
         top_d = np.maximum(d.max(axis=1), 0)
         top_m = np.maximum(m.max(axis=1), 0)
         with np.errstate(divide="ignore"):
             inv_d = np.where(top_d > 0, F32(63) / top_d, F32(0))
             inv_m = np.where(top_m > 0, F32(63) / top_m, F32(0))
-        ls = np.clip(np.rint(inv_d[:, None] * d), 0, 63)
-        lm = np.clip(np.rint(inv_m[:, None] * m), 0, 63)
+        ls = _byte_levels(np.rint(inv_d[:, None] * d), 63)
+        lm = _byte_levels(np.rint(inv_m[:, None] * m), 63)
         dd, dmin = top_d / F32(63), top_m / F32(63)
     else:  # quantize_row_q{4,5}_K_impl
         w = _block_weights(qw, xc.shape[1], 32)
         w = w * np.sqrt(_sigma2(x, QK_K, 2.0, 32) + xc * xc)
-        d, m, _ = qs.min_scale_search(xc, w, nmax, -0.9, 0.05, 36)
-        sw = w.sum(axis=0).reshape(nsb, 8).T
+        d, m, searched = qs.min_scale_search(xc, w, nmax, -0.9, 0.05, 36)
+        sw = qs._sum(w).reshape(nsb, 8).T
         dd, ls = qs.positive_search(np.ascontiguousarray(d.reshape(nsb, 8).T), 63, sw)
         dmin, lm = qs.positive_search(np.ascontiguousarray(m.reshape(nsb, 8).T), 63, sw)
         ls, lm = ls.T, lm.T
     dd16, ddf = _half(dd)
     dm16, dmf = _half(dmin)
-    lv = _requant(xc, (ddf[:, None] * ls).reshape(-1), (dmf[:, None] * lm).reshape(-1), nmax)
+    lv = _requant(xc, (ddf[:, None] * ls).reshape(-1), (dmf[:, None] * lm).reshape(-1), nmax, searched)
     return dd16, dm16, ls.astype(np.uint8), lm.astype(np.uint8), _rows(lv, nsb, QK_K)
 
 
@@ -125,27 +135,36 @@ def encode_q5_k(x, qw=None):
 
 
 # -- Q6_K: 16 sub-blocks of 16, signed 8-bit scales ---------------------------------------------
+def _requant_signed(xc, dj, nmax: int, searched):
+    """Levels -nmax..nmax-1 (offset by nmax) for the stored sub-block scales dj; where dj is 0,
+    the search's levels, as llama.cpp keeps them (see _requant)."""
+    ok = dj != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lv = np.rint(xc / np.where(ok, dj, F32(1)))
+    np.clip(lv, -nmax, nmax - 1, out=lv)
+    lv += nmax
+    lv[:, ~ok] = searched[:, ~ok]
+    return lv
+
+
 def encode_q6_k(x, qw=None):
     nsb = x.size // QK_K
     xc = _columns(x, 16)
     w = None if qw is None else _block_weights(qw, xc.shape[1], 16)
-    d, _ = qs.symmetric_search(xc, w, 32)
+    d, searched = qs.symmetric_search(xc, w, 32)
     d = d.reshape(nsb, 16)
     top = qs.signed_absmax(np.ascontiguousarray(d.T))
-    blank = np.abs(top) < qs.EPS
+    blank = np.abs(top) < qs.EPS  # llama.cpp writes such a super-block as all zero bytes
     with np.errstate(divide="ignore"):
         iscale = np.where(blank, F32(0), F32(-128) / np.where(blank, F32(1), top))
         dd = np.where(blank, F32(0), F32(1) / np.where(blank, F32(1), iscale))
     sc = np.minimum(np.rint(iscale[:, None] * d), 127).astype(np.int8)
+    sc[blank] = 0
     dd16, ddf = _half(dd)
-    dj = (ddf[:, None] * sc).reshape(-1)
-    ok = dj != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lv = np.rint(xc / np.where(ok, dj, F32(1)))
-    np.clip(lv, -32, 31, out=lv)
-    lv[:, ~ok] = 0
-    lv += 32
-    q = _rows(lv, nsb, QK_K).reshape(-1, 2, 4, 32)
+    lv = _requant_signed(xc, (ddf[:, None] * sc).reshape(-1), 32, searched)
+    q = _rows(lv, nsb, QK_K)
+    q[blank] = 0
+    q = q.reshape(-1, 2, 4, 32)
     low, high = q & 0xF, q >> 4
     ql = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(-1, 128)
     qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(-1, 64)
@@ -159,11 +178,11 @@ def _pack_2bit(lv):
     return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def encode_q3_k(x, qw=None):
-    nsb = x.size // QK_K
-    xc = _columns(x, 16)
+def _q3_scales(xc, qw, x, nsb: int):
+    """The sixteen 6-bit scales (offset by 32) and the super-block scale, with the levels
+    the sub-block search found."""
     if qw is None:  # quantize_row_q3_K_ref
-        d, _ = qs.q3_search(xc, 4)
+        d, searched = qs.q3_search(xc, 4)
         d = d.reshape(nsb, 16)
         top = qs.signed_absmax(np.ascontiguousarray(d.T))
         nz = top != 0
@@ -172,24 +191,23 @@ def encode_q3_k(x, qw=None):
             dd = np.where(nz, F32(1) / np.where(nz, iscale, F32(1)), F32(0))
         ls = np.clip(np.rint(iscale[:, None] * d), -32, 31) + 32
         ls[~nz] = 0
-    else:  # quantize_row_q3_K_impl
-        w = _block_weights(qw, xc.shape[1], 16)
-        w = w * np.sqrt(_sigma2(x, QK_K, 2.0, 16) + xc * xc)
-        d, _ = qs.symmetric_search(xc, w, 4)
-        dT = np.ascontiguousarray(d.reshape(nsb, 16).T)
-        swT = np.ascontiguousarray(w.sum(axis=0).reshape(nsb, 16).T)
-        dd, ls = qs.symmetric_search(dT, swT, 32)
-        ls = ls.T
+        return ls, dd, searched
+    w = _block_weights(qw, xc.shape[1], 16)  # quantize_row_q3_K_impl
+    w = w * np.sqrt(_sigma2(x, QK_K, 2.0, 16) + xc * xc)
+    d, searched = qs.symmetric_search(xc, w, 4)
+    dT = np.ascontiguousarray(d.reshape(nsb, 16).T)
+    swT = np.ascontiguousarray(qs._sum(w).reshape(nsb, 16).T)
+    dd, ls = qs.symmetric_search(dT, swT, 32)
+    return ls.T, dd, searched
+
+
+def encode_q3_k(x, qw=None):
+    nsb = x.size // QK_K
+    xc = _columns(x, 16)
+    ls, dd, searched = _q3_scales(xc, qw, x, nsb)
     ls = ls.astype(np.uint8)
     dd16, ddf = _half(dd)
-    dj = (ddf[:, None] * (ls.astype(F32) - 32)).reshape(-1)
-    ok = dj != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lv = np.rint(xc / np.where(ok, dj, F32(1)))
-    np.clip(lv, -4, 3, out=lv)
-    lv[:, ~ok] = 0
-    lv += 4
-    q = _rows(lv, nsb, QK_K)
+    q = _rows(_requant_signed(xc, (ddf[:, None] * (ls.astype(F32) - 32)).reshape(-1), 4, searched), nsb, QK_K)
     high = (q > 3).reshape(-1, 8, 32).astype(np.uint8)  # bit j//32 of hmask[j%32]
     hmask = np.zeros((nsb, 32), dtype=np.uint8)
     for bit in range(8):
@@ -205,35 +223,36 @@ def encode_q2_k(x, qw=None):
     nsb = x.size // QK_K
     xc = _columns(x, 16)
     if qw is None:  # quantize_row_q2_K_ref
-        d, m, _ = qs.min_scale_search(xc, np.abs(xc), 3, -0.5, 0.1, 15, use_mad=True)
+        d, m, searched = qs.min_scale_search(xc, np.abs(xc), 3, -0.5, 0.1, 15, use_mad=True)
         d, m = d.reshape(nsb, 16), m.reshape(nsb, 16)
         top_d, top_m = np.maximum(d.max(axis=1), 0), np.maximum(m.max(axis=1), 0)
         with np.errstate(divide="ignore"):
-            ls = np.clip(np.rint(np.where(top_d > 0, F32(15) / top_d, F32(0))[:, None] * d), 0, 15)
-            lm = np.clip(np.rint(np.where(top_m > 0, F32(15) / top_m, F32(0))[:, None] * m), 0, 15)
+            ls = _byte_levels(np.rint(np.where(top_d > 0, F32(15) / top_d, F32(0))[:, None] * d), 15)
+            lm = _byte_levels(np.rint(np.where(top_m > 0, F32(15) / top_m, F32(0))[:, None] * m), 15)
         dd, dmin = top_d / F32(15), top_m / F32(15)
     else:  # quantize_row_q2_K_impl
         w = _block_weights(qw, xc.shape[1], 16)
         w = w * np.sqrt(_sigma2(x, QK_K, 1.0, 16) + xc * xc)
-        d, m, _ = qs.min_scale_search(xc, w, 3, -0.9, 0.05, 36)
-        sw = w.sum(axis=0).reshape(nsb, 16).T
+        d, m, searched = qs.min_scale_search(xc, w, 3, -0.9, 0.05, 36)
+        sw = qs._sum(w).reshape(nsb, 16).T
         dd, ls = qs.positive_search(np.ascontiguousarray(d.reshape(nsb, 16).T), 15, sw)
         dmin, lm = qs.positive_search(np.ascontiguousarray(m.reshape(nsb, 16).T), 15, sw)
         ls, lm = ls.T, lm.T
     dd16, ddf = _half(dd)
     dm16, dmf = _half(dmin)
-    lv = _requant(xc, (ddf[:, None] * ls).reshape(-1), (dmf[:, None] * lm).reshape(-1), 3)
+    lv = _requant(xc, (ddf[:, None] * ls).reshape(-1), (dmf[:, None] * lm).reshape(-1), 3, searched)
     scales = ls.astype(np.uint8) | (lm.astype(np.uint8) << 4)
     return np.concatenate([scales, _pack_2bit(_rows(lv, nsb, QK_K)), dd16.view(np.uint8).reshape(-1, 2),
                            dm16.view(np.uint8).reshape(-1, 2)], axis=1)
 
-
 # -- 32-blocks with an importance matrix (quantize_row_q{4,5}_{0,1}_impl) ----------------------
 def _legacy_weights(x, qw):
-    """Per 32-block weights: qw * sqrt(sigma2 + x^2), sigma2 = mean(x^2) over the whole ROW."""
+    """Per 32-block weights: qw * sqrt(sigma2 + x^2), sigma2 = mean(x^2) over the whole ROW
+    (summed element 0 first, as llama.cpp's loop does: hence the transposed copy)."""
     ncols = x.shape[1]
     xc = _columns(x, 32)
-    sigma2 = np.repeat((x * x).sum(axis=1) / ncols, ncols // 32)
+    xt = np.ascontiguousarray(x.T)
+    sigma2 = np.repeat(qs._sum(xt * xt) / F32(ncols), ncols // 32)
     return xc, _block_weights(qw, xc.shape[1], 32) * np.sqrt(sigma2 + xc * xc)
 
 
