@@ -32,7 +32,8 @@ MB = 2**20
 
 def measure(llama_cpp, path: Path, reference, texts, prompts) -> dict:
     """Fixed-text divergence from the f16 file; held-out teacher-forced top-1 vs transformers."""
-    from nekotune.export.verify import divergence, gguf_file_type, open_llama, teacher_forced_top1
+    from nekotune.export.divergence import divergence, open_llama
+    from nekotune.export.verify import gguf_file_type, teacher_forced_top1
 
     n_ctx = max([len(t) for t in texts] + [len(p) + len(c) for p, c in prompts]) + 8
     llm = open_llama(llama_cpp, path, n_ctx)
@@ -56,15 +57,15 @@ def main() -> int:
     args = parser.parse_args()
     import llama_cpp
 
+    from nekotune.api import export_gguf
     from nekotune.config import load_config
-    from nekotune.export.gguf import export_command, quantize_k, with_merge_info
-    from nekotune.export.verify import N_TOKENS, fixed_texts, heldout_prompts, hf_greedy, llama_logits, open_llama
-    from nekotune.merge import resolve_for_merge
-    from nekotune.model import load_for_inference
+    from nekotune.export.divergence import fixed_texts, llama_logits, open_llama
+    from nekotune.export.gguf import quantize_k
+    from nekotune.export.verify import N_TOKENS, heldout_prompts, hf_greedy
+    from nekotune.model import load_source, resolve_source
 
     cfg = load_config(None, [], default_to_demo=False)
-    spec, _ = resolve_for_merge(cfg, args.model)
-    loaded = load_for_inference(with_merge_info(cfg, spec), args.model)
+    loaded = load_source(*resolve_source(cfg, args.model, merged_prompts=True))
     texts = fixed_texts(loaded)
     renderer = loaded.renderer
     prompts = []
@@ -76,8 +77,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        f16 = export_command(cfg, args.model, str(work / "f16.gguf"), "f16")
-        f32 = export_command(cfg, args.model, str(work / "f32.gguf"), "f32")
+        f16 = export_gguf(args.model, str(work / "f16.gguf"), "f16", cfg).path
+        f32 = export_gguf(args.model, str(work / "f32.gguf"), "f32", cfg).path
         llm = open_llama(llama_cpp, f16, max(len(t) for t in texts) + 8)
         try:
             cached = {tuple(ids): llama_logits(llm, ids) for ids in texts}
@@ -85,7 +86,7 @@ def main() -> int:
             llm.close()
         rows = {"f16": measure(llama_cpp, f16, lambda ids: cached[tuple(ids)], texts, prompts)}
         for t in types:
-            ours = export_command(cfg, args.model, str(work / f"nekotune-{t}.gguf"), t)
+            ours = export_gguf(args.model, str(work / f"nekotune-{t}.gguf"), t, cfg).path
             theirs = work / f"llama.cpp-{t}.gguf"
             quantize_k(f32, theirs, t)
             runs = [("nekotune", ours), ("llama.cpp", theirs)]

@@ -62,7 +62,8 @@ def write_f16(path: Path, config: dict) -> None:
     import gguf
     import numpy as np
 
-    from nekotune.export.gguf import _tensor_info, add_hparams
+    from nekotune.export.gguf import _tensor_info
+    from nekotune.export.gguf_meta import add_hparams
 
     writer = gguf.GGUFWriter(path=None, arch="qwen3")
     writer.add_name("random-Qwen3-1.7B-shapes")
@@ -80,7 +81,7 @@ def write_f16(path: Path, config: dict) -> None:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     rng = np.random.default_rng(0)
-    for name, shape in plan:
+    for _name, shape in plan:
         if len(shape) == 1:
             writer.write_tensor_data(np.ones(shape, dtype=np.float32))
             continue

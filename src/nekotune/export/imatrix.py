@@ -49,7 +49,8 @@ def _read_gguf(path: Path) -> dict[str, np.ndarray]:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError, struct.error, IndexError, KeyError, TypeError) as exc:
         raise UserError(f"--imatrix {path}: not a readable GGUF file ({exc})") from None
-    sums, counts = {}, {}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         for suffix, table in ((".in_sum2", sums), (".counts", counts)):
             if tensor.name.endswith(suffix):

@@ -98,6 +98,7 @@ def quantize_gguf(source: str | Path, target: str | Path, type_name: str, imatri
         writer.write_ti_data_to_file()
         for t, shape, qtype in plan:
             data = _read(source, t, floats[t.tensor_type])
+            out: np.ndarray
             if qtype == Q.F32:
                 out = data.astype(np.float32).reshape(shape)
             elif qtype == Q.F16:
