@@ -311,7 +311,7 @@ def merged_k(smol_tokenizer, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
 
     root = tmp_path_factory.mktemp("kquant")
     tok = smol_tokenizer
@@ -393,7 +393,7 @@ def test_imatrix_export(merged_k, tmp_path):
     import gguf
     from safetensors.numpy import load_file
 
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
 
     qw = np.full(256, 1e-3, dtype=np.float32)
     qw[::4] = 1.0  # a quarter of every block matters
@@ -411,7 +411,7 @@ def test_imatrix_export(merged_k, tmp_path):
 def test_requantize_an_f16_gguf(merged_k, tmp_path):
     import gguf
 
-    from nekotune.export.gguf import export_command
+    from nekotune.commands.export import export_command
     from nekotune.export.requant import quantize_gguf
 
     f16 = export_command(_cfg(), str(merged_k["model"]), str(tmp_path / "f16.gguf"), "f16")
@@ -431,8 +431,9 @@ def test_llama_cpp_picks_the_same_types_and_loads_ours(merged_k):
     more bits."""
     import llama_cpp
 
-    from nekotune.export.gguf import export_command, quantize_k
-    from nekotune.export.verify import llama_logits, open_llama, token_divergence
+    from nekotune.commands.export import export_command
+    from nekotune.export.divergence import llama_logits, open_llama, token_divergence
+    from nekotune.export.gguf import quantize_k
 
     root = merged_k["root"]
     f32 = export_command(_cfg(), str(merged_k["model"]), str(root / "f32.gguf"), "f32")
@@ -458,3 +459,5 @@ def test_llama_cpp_picks_the_same_types_and_loads_ours(merged_k):
         assert np.isfinite(logits).all()
         kl[type_name] = float(token_divergence(reference, logits)[0].mean())
     assert kl["q6_k"] < kl["q4_k_m"] < kl["q2_k"], kl
+
+
