@@ -461,3 +461,26 @@ def test_llama_cpp_picks_the_same_types_and_loads_ours(merged_k):
     assert kl["q6_k"] < kl["q4_k_m"] < kl["q2_k"], kl
 
 
+
+@needs_llama_cpp
+def test_verify_reports_fixed_text_divergence(merged_k, tmp_path, capsys):
+    """export verify --reference: the fixed text's next-token figures against the f16 file, less
+    KL with more bits, printed by the command; a --reference that is not a GGUF is a one-line
+    error. (Without --reference, against transformers: test_export's verify test.)"""
+    import re
+
+    from nekotune.api import verify
+    from nekotune.commands.export import export_command, verify_command
+
+    model = str(merged_k["model"])
+    f16 = export_command(_cfg(), model, str(tmp_path / "f16.gguf"), "f16")
+    with pytest.raises(UserError, match=r"--reference .*none\.gguf is not a \.gguf file"):
+        verify(f16, model, _cfg(), limit=1, reference=tmp_path / "none.gguf")
+    q2 = verify(merged_k["files"]["q2_k"], model, _cfg(), limit=1, reference=f16).divergence
+    assert q2 is not None and q2.reference == "f16.gguf (llama.cpp)" and q2.positions > 1000
+    verify_command(_cfg(), str(merged_k["files"]["q6_k"]), model, limit=1, reference=str(f16))
+    out = capsys.readouterr().out
+    found = re.search(r"fixed text .* against f16\.gguf \(llama\.cpp\): "
+                      r"top-1 agreement ([\d.]+)%, mean KL ([\d.]+)", out)
+    assert found, out
+    assert float(found.group(1)) / 100 > q2.top1 and 0 < float(found.group(2)) < q2.mean_kl, (found.groups(), q2)
