@@ -14,6 +14,8 @@ BENCHES = [
     ("memory estimate vs measured peak (issue #6)", "estimate_memory.py"),
     ("low-memory merge peak RSS vs bound (issue #4)", "merge_memory.py"),
     ("per-example attention variants, bf16 on CPU (issue #7)", "attention.py"),
+    ("pure-Python Q4_K_M vs llama.cpp's quantizer, Qwen3-1.7B shapes (issue #20)", "kquant_speed.py"),
+    ("K-quant quality on the latest run vs llama.cpp's quantizer (issue #20)", "kquant_quality.py"),
 ]
 
 

@@ -342,20 +342,22 @@ def test_cli_export_gguf_and_errors(merged_llama, tmp_path, capsys):
     assert rc == 2 and ".gguf" in err and len(err.strip().splitlines()) == 1
 
 
-def test_q4_k_m_is_written_or_falls_back(merged_llama, tmp_path, capsys, monkeypatch):
+def test_q4_k_m_on_rows_below_256_takes_llama_cpps_fallbacks(merged_llama, tmp_path):
+    """Hidden 64: no row fills a 256 super-block, so Q4_K becomes Q5_0 and Q6_K becomes Q8_0 (the
+    K-quant rules themselves are tested in test_kquants.py)."""
     import gguf
 
     from nekotune.commands.export import export_command
-    from nekotune.export import gguf as export_gguf
     from nekotune.export.verify import gguf_file_type
 
-    if HAS_LLAMA_CPP:
-        out = export_command(_cfg(), str(merged_llama), str(tmp_path / "k.gguf"), "q4_k_m")
-        assert gguf_file_type(out) == "MOSTLY_Q4_K_M" and len(gguf.GGUFReader(out).tensors) == 20
-    monkeypatch.setattr(export_gguf, "_k_quant_available", lambda: False)
-    out = export_command(_cfg(), str(merged_llama), str(tmp_path / "k5.gguf"), "q4_k_m")
-    assert gguf_file_type(out) == "MOSTLY_Q5_0"
-    assert "writing q5_0" in capsys.readouterr().err
+    out = export_command(_cfg(), str(merged_llama), str(tmp_path / "k.gguf"), "q4_k_m")
+    assert gguf_file_type(out) == "MOSTLY_Q4_K_M"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert len(types) == 20
+    assert types["token_embd.weight"] == "Q8_0"  # tied: the output matrix, Q6_K's fallback
+    assert types["blk.0.attn_v.weight"] == types["blk.0.ffn_down.weight"] == "Q5_0"
+    assert types["blk.1.attn_v.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"  # last eighth: Q6_K
+    assert types["blk.1.attn_q.weight"] == "Q5_0" and types["blk.1.attn_norm.weight"] == "F32"
 
 
 # -- Ollama ----------------------------------------------------------------------------------

@@ -178,27 +178,31 @@ def merge(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Config |
 
 
 def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, type: str = "q8_0",
-                cfg: Config | None = None, *, progress: Progress | None = None) -> ExportResult:
-    """`nekotune export gguf`: one .gguf file for llama.cpp (types: nekotune.registry.GGUF_TYPES)."""
+                cfg: Config | None = None, *, progress: Progress | None = None,
+                imatrix: str | os.PathLike | None = None) -> ExportResult:
+    """`nekotune export gguf`: one .gguf file for llama.cpp (types: nekotune.registry.GGUF_TYPES);
+    `imatrix`: a llama.cpp importance matrix weighting the 2-6 bit types."""
     from nekotune.export.gguf import gguf_file
 
-    return gguf_file(_cfg(cfg), _arg(model), os.fspath(out), type, progress)
+    return gguf_file(_cfg(cfg), _arg(model), os.fspath(out), type, progress, _arg(imatrix))
 
 
 def export_ollama(model: str | os.PathLike | None, out: str | os.PathLike, type: str = "q4_0",
-                  cfg: Config | None = None, *, progress: Progress | None = None) -> OllamaResult:
+                  cfg: Config | None = None, *, progress: Progress | None = None,
+                  imatrix: str | os.PathLike | None = None) -> OllamaResult:
     """`nekotune export ollama`: a directory with the GGUF and a Modelfile for `ollama create`."""
     from nekotune.export.ollama import ollama_dir
 
-    return ollama_dir(_cfg(cfg), _arg(model), os.fspath(out), type, progress)
+    return ollama_dir(_cfg(cfg), _arg(model), os.fspath(out), type, progress, _arg(imatrix))
 
 
 def verify(gguf: str | os.PathLike, model: str | os.PathLike | None = None, cfg: Config | None = None, *,
-           limit: int | None = None) -> VerifyReport:
-    """`nekotune export verify`: llama.cpp on the GGUF against transformers on its source."""
+           limit: int | None = None, reference: str | os.PathLike | None = None) -> VerifyReport:
+    """`nekotune export verify`: llama.cpp on the GGUF against transformers on its source; the
+    fixed text's divergence against `reference` (a GGUF, e.g. the f16 export) or the source."""
     from nekotune.export.verify import Verification
 
-    with Verification(_cfg(cfg), os.fspath(gguf), _arg(model), limit) as check:
+    with Verification(_cfg(cfg), os.fspath(gguf), _arg(model), limit, _arg(reference)) as check:
         return check.run()
 
 

@@ -111,11 +111,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg = _config(args, default_to_demo=False)
     if args.what == "gguf":
-        export.export_command(cfg, args.model, args.out, args.type)
+        export.export_command(cfg, args.model, args.out, args.type, imatrix=args.imatrix)
     elif args.what == "ollama":
-        export.ollama_command(cfg, args.model, args.out, args.type)
+        export.ollama_command(cfg, args.model, args.out, args.type, imatrix=args.imatrix)
     else:
-        return export.verify_command(cfg, args.file, args.model)
+        return export.verify_command(cfg, args.file, args.model, reference=args.reference)
     return 0
 
 
@@ -255,12 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
         _model(pe)
         pe.add_argument("--type", default="q8_0" if what == "gguf" else "q4_0",
                         choices=list(GGUF_TYPES))
+        pe.add_argument("--imatrix", default=None, metavar="FILE",  # issue 20
+                        help="llama.cpp importance matrix (llama-imatrix output, GGUF or .dat) for the 2-6 bit types")
         pe.add_argument("--out", required=True)
         _rest(pe)
         pe.set_defaults(func=cmd_export)
     pv = esub.add_parser("verify")
     pv.add_argument("file")
     _model(pv, "source model to compare with (default: the latest run)")
+    pv.add_argument("--reference", default=None, metavar="GGUF",  # issue 20
+                    help="compare next-token distributions on the fixed text with this GGUF (e.g. the f16 "
+                         "export) instead of the source model in transformers")
     _rest(pv)
     pv.set_defaults(func=cmd_export)
 

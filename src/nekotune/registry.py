@@ -46,8 +46,9 @@ class GgufType:
     tensor_type: str  # gguf.GGMLQuantizationType member for the matrices
     file_type: str  # gguf.LlamaFileType member for general.file_type
     low_bit: bool = False  # 4-5 bits: the output matrix keeps 8 bits, as llama.cpp keeps it higher
-    needs_llama_cpp: bool = False  # written by llama.cpp's own quantizer (llama-cpp-python) from an f32 file
-    fallback: str | None = None  # written instead when llama.cpp is missing
+    # issue 20: a K-quant file; tensor_type is its default, llama.cpp's per-tensor rules (export/mixture.py)
+    # give some tensors more bits, and export/quants.py encodes them in pure NumPy
+    k_mixture: bool = False
 
 
 GGUF_TYPES: dict[str, GgufType] = {t.name: t for t in (
@@ -59,8 +60,14 @@ GGUF_TYPES: dict[str, GgufType] = {t.name: t for t in (
     GgufType("q4_1", "Q4_1", "MOSTLY_Q4_1", low_bit=True),
     GgufType("q5_0", "Q5_0", "MOSTLY_Q5_0", low_bit=True),
     GgufType("q5_1", "Q5_1", "MOSTLY_Q5_1", low_bit=True),
-    # q5_0: closest in quality to Q4_K_M among the types the gguf package can write
-    GgufType("q4_k_m", "Q4_K", "MOSTLY_Q4_K_M", needs_llama_cpp=True, fallback="q5_0"),
+    # issue 20: K-quants, no llama.cpp build needed
+    GgufType("q2_k", "Q2_K", "MOSTLY_Q2_K", k_mixture=True),
+    GgufType("q3_k_m", "Q3_K", "MOSTLY_Q3_K_M", k_mixture=True),
+    GgufType("q4_k_s", "Q4_K", "MOSTLY_Q4_K_S", k_mixture=True),
+    GgufType("q4_k_m", "Q4_K", "MOSTLY_Q4_K_M", k_mixture=True),
+    GgufType("q5_k_s", "Q5_K", "MOSTLY_Q5_K_S", k_mixture=True),
+    GgufType("q5_k_m", "Q5_K", "MOSTLY_Q5_K_M", k_mixture=True),
+    GgufType("q6_k", "Q6_K", "MOSTLY_Q6_K", k_mixture=True),
 )}
 
 

@@ -41,12 +41,13 @@ def _gguf_bar(type_name: str, console):
 
 
 @command
-def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0") -> Path:
+def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0",
+                   imatrix: str | None = None) -> Path:
     from nekotune.api import export_gguf
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = export_gguf(model_arg, out, type, cfg, progress=progress)
+        done = export_gguf(model_arg, out, type, cfg, progress=progress, imatrix=imatrix)
     console.print(f"wrote {done.path} ({done.type}, {done.size}) from {done.source}", soft_wrap=True)
     console.print(f"check it against transformers: nekotune export verify {done.path}"
                   + (f" --model {model_arg}" if model_arg else ""), soft_wrap=True, markup=False)
@@ -54,12 +55,13 @@ def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8
 
 
 @command
-def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0") -> Path:
+def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
+                   imatrix: str | None = None) -> Path:
     from nekotune.api import export_ollama
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = export_ollama(model_arg, out, type, cfg, progress=progress)
+        done = export_ollama(model_arg, out, type, cfg, progress=progress, imatrix=imatrix)
     if done.warning:
         console.print(f"[yellow]warning:[/] {done.warning}")
     console.print(f"wrote {done.export.path}/Modelfile and {done.export.gguf.name} ({done.export.type}, "
@@ -70,13 +72,14 @@ def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4
 
 
 @command
-def verify_command(cfg: Config, file: str, model_arg: str | None, limit: int | None = None) -> int:
+def verify_command(cfg: Config, file: str, model_arg: str | None, limit: int | None = None,
+                   reference: str | None = None) -> int:
     from rich.console import Console
 
     from nekotune.export.verify import Verification
 
     console = Console(stderr=False)
-    with Verification(cfg, file, model_arg, limit) as check:
+    with Verification(cfg, file, model_arg, limit, reference) as check:
         console.print(f"comparing {check.gguf.name} with {check.label} on {len(check.prompts)} held-out prompts",
                       soft_wrap=True)
         report = check.run()
@@ -103,4 +106,9 @@ def print_verify_report(report: Any, console: Any) -> None:
                   f"{'agrees' if report.bos_ok else '[red]differs'}")
     console.print(f"greedy agreement: {report.greedy:.0%} of leading tokens; teacher-forced top-1: {report.top1:.1%} "
                   f"(needed {report.threshold:.0%} for {report.file_type})")
+    d = report.divergence
+    if d is not None:
+        console.print(f"fixed text ({d.texts} demo conversations with answers, {d.positions} next tokens) "
+                      f"against {d.reference}: top-1 agreement {d.top1:.1%}, mean KL {d.mean_kl:.4f} "
+                      f"(max {d.max_kl:.4f})", soft_wrap=True)
     console.print("[green]PASS[/]" if report.ok else "[red]FAIL[/]")

@@ -7,8 +7,9 @@ about one tensor of memory beyond the adapter.
 Llama-family Q/K rows are permuted into llama.cpp's rotary layout (HF uses the "half split"
 rotary form, llama.cpp the interleaved one); which architectures need it, and which are written
 at all, is registry.ARCHITECTURES. The metadata (hyperparameters, tokenizer, chat template) is
-gguf_meta.py. The types are registry.GGUF_TYPES: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 from gguf.quants;
-K-quants only through llama-cpp-python's quantizer when it is installed.
+gguf_meta.py. The types are registry.GGUF_TYPES: Q8_0 and Q4_0..Q5_1 from gguf.quants; the
+K-quant files (q2_k..q6_k, with llama.cpp's per-tensor mixture, export/mixture.py) and anything
+weighted by an importance matrix from export/quants.py, in pure NumPy: no llama.cpp build is needed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -107,15 +107,20 @@ def _arch_enum(arch: str):
     return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
 
 
-def tensor_type(gguf_name: str, shape: tuple, requested: str, has_output: bool) -> Any:
+def tensor_type(gguf_name: str, shape: tuple, requested: str, has_output: bool, model: Any = None) -> Any:
     """The type one tensor is written in: vectors stay f32; rows that do not fill whole blocks fall
     back to f16, as llama.cpp does; at 4-5 bits the output matrix keeps 8 bits (llama.cpp keeps
     it at Q6_K, which gguf cannot write). At q8_0 the output matrix stays f16, where llama.cpp
     would write q8_0: every logit goes through it, and on the demo model that one tensor decides
     whether llama.cpp's greedy answers follow transformers' (7 of 12 prompts equal for 20 tokens
-    instead of 2; docs/export.md), for about 12% more file."""
+    instead of 2; docs/export.md), for about 12% more file. K-quant files follow llama.cpp's
+    own rules (export/mixture.py), given `model`, a mixture.ModelShape."""
     import gguf
 
+    if GGUF_TYPES[requested].k_mixture:
+        from nekotune.export.mixture import k_tensor_type
+
+        return k_tensor_type(gguf_name, shape, requested, model)
     Q = gguf.GGMLQuantizationType
     qtype = _types(requested)[0]
     if len(shape) < 2:
@@ -131,17 +136,20 @@ def tensor_type(gguf_name: str, shape: tuple, requested: str, has_output: bool) 
     return qtype
 
 
-def encode(tensor: Any, qtype: Any) -> Any:
-    """A float32 torch tensor -> the numpy array GGUFWriter writes for `qtype`."""
+def encode(tensor: Any, qtype: Any, importance: Any = None) -> Any:
+    """A float32 torch tensor -> the numpy array GGUFWriter writes for `qtype`; `importance`
+    (one value per column, from --imatrix) weights the quantization error."""
     import gguf
     import numpy as np
+
+    from nekotune.export import quants
 
     data = tensor.float().contiguous().numpy()
     if qtype == gguf.GGMLQuantizationType.F32:
         return data
     if qtype == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16)
-    return gguf.quants.quantize(data, qtype)
+    return quants.quantize(data, qtype, importance)
 
 
 def _tensor_info(writer, name: str, shape: tuple, qtype) -> None:
@@ -173,8 +181,12 @@ def written_by_nekotune(path: Path) -> bool:
         return False
 
 
-def write_gguf(source: Source, merged: Any, path: Path, type_name: str, progress: Progress | None = None) -> None:
+def write_gguf(source: Source, merged: Any, path: Path, type_name: str, progress: Progress | None = None,
+               imatrix: dict | None = None) -> None:
     import gguf
+
+    from nekotune.export.imatrix import importance_for
+    from nekotune.export.mixture import ModelShape
 
     config = merged.config
     arch = architecture(config)
@@ -189,7 +201,8 @@ def write_gguf(source: Source, merged: Any, path: Path, type_name: str, progress
     writer.add_file_type(_types(type_name)[1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, source.tokenizer, source.renderer, n_vocab)
-    types = {g: tensor_type(g, shape, type_name, has_output) for _, g, shape in plan}
+    model = ModelShape.from_config(config, arch, has_output)
+    types = {g: tensor_type(g, shape, type_name, has_output, model) for _, g, shape in plan}
     rope_freqs = llama3_rope_factors(hp["rope"], hp["head_dim"], float(hp["rope"]["rope_theta"])) \
         if hp["rope"]["rope_type"] == "llama3" else None
     for _, g, shape in plan:
@@ -202,7 +215,7 @@ def write_gguf(source: Source, merged: Any, path: Path, type_name: str, progress
     writer.write_ti_data_to_file()
     for hf_name, g, shape in plan:
         tensor = prepare_tensor(merged.get(hf_name), hf_name, config)
-        writer.write_tensor_data(encode(tensor, types[g]))
+        writer.write_tensor_data(encode(tensor, types[g], importance_for(imatrix, g, shape[-1])))
         done += math.prod(shape) * 4
         if progress is not None:
             progress(done, total)
@@ -222,7 +235,8 @@ def prepare_tensor(tensor: Any, hf_name: str, config: dict) -> Any:
 
 
 def quantize_k(source_path: Path, target: Path, type_name: str = "q4_k_m") -> None:
-    """A K-quant through llama.cpp's own quantizer (llama-cpp-python), from an f32 GGUF."""
+    """llama.cpp's own quantizer (llama-cpp-python) on an f32/f16 GGUF: the reference the pure-Python
+    K-quants are measured against (tests, bench/kquant_*.py, docs/export.md); the export does not use it."""
     import ctypes
 
     import llama_cpp
@@ -235,39 +249,26 @@ def quantize_k(source_path: Path, target: Path, type_name: str = "q4_k_m") -> No
         raise RuntimeError(f"llama_model_quantize failed with code {rc}")
 
 
-def _k_quant_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def export_gguf(source: Source, out: Path, type_name: str, progress: Progress | None = None) -> str:
-    """Write `out`; returns the type actually written (a type that needs llama.cpp may fall back)."""
+def export_gguf(source: Source, out: Path, type_name: str, progress: Progress | None = None,
+                imatrix: str | None = None) -> str:
+    """Write `out`; returns the type written. `imatrix`: a llama.cpp importance matrix file."""
+    from nekotune.export.imatrix import load_imatrix
     from nekotune.io import atomic_file
     from nekotune.weights import NotStreamable, open_merged
 
     if type_name not in GGUF_TYPES:
         raise UserError(f"--type {type_name} is not one of {', '.join(GGUF_TYPES)}")
     architecture(_config_of(source))  # fail before any weight is read
+    importance = load_imatrix(imatrix) if imatrix else None
+    if importance is not None and type_name in ("f32", "f16", "bf16", "q8_0"):
+        log.warning("note: --imatrix has no effect on %s (it weights the 2-6 bit types)", type_name)
     try:
         merged = open_merged(source.spec, source.cfg, low_memory=True)
     except NotStreamable as exc:  # an adapter variant only peft itself merges: merge in memory
         log.warning("note: %s; merging in memory with peft", exc.reason)
         merged = open_merged(source.spec, source.cfg, low_memory=False, compute_dtype="float32")
-    kind = GGUF_TYPES[type_name]
-    if kind.needs_llama_cpp and not _k_quant_available():
-        log.warning("note: %s needs llama.cpp's quantizer (pip install 'nekotune[verify]'); writing %s, the "
-                    "nearest type the gguf package can write", type_name, kind.fallback)
-        type_name = kind.fallback or "f16"
-    elif kind.needs_llama_cpp:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp, atomic_file(out) as final:
-            f32 = Path(tmp) / "f32.gguf"
-            write_gguf(source, merged, f32, "f32", progress)
-            quantize_k(f32, final, type_name)
-        return type_name
     with atomic_file(out) as tmp:
-        write_gguf(source, merged, tmp, type_name, progress)
+        write_gguf(source, merged, tmp, type_name, progress, importance)
     return type_name
 
 
@@ -297,7 +298,7 @@ class ExportResult:
 
 
 def gguf_file(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0",
-              progress: Progress | None = None) -> ExportResult:
+              progress: Progress | None = None, imatrix: str | None = None) -> ExportResult:
     """`nekotune export gguf`: the model `model_arg` names (merged on the fly) as one .gguf file."""
     from nekotune.io import check_output_file
     from nekotune.weights import local_model_dir, source_paths
@@ -310,5 +311,5 @@ def gguf_file(cfg: Config, model_arg: str | None, out: str, type: str = "q8_0",
     source = prepare(cfg, model_arg)
     check_output_file(out_path, source_paths(source.spec, local_model_dir(source.spec.base, source.cfg.model.revision),
                                              model_arg), ours=written_by_nekotune)
-    written = export_gguf(source, out_path, type, progress)
+    written = export_gguf(source, out_path, type, progress, imatrix)
     return ExportResult(out_path, written, source.spec.label, out_path)

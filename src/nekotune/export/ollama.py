@@ -208,7 +208,7 @@ class OllamaResult:
 
 
 def ollama_dir(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
-               progress: Progress | None = None) -> OllamaResult:
+               progress: Progress | None = None, imatrix: str | None = None) -> OllamaResult:
     """`nekotune export ollama`: a directory with the GGUF and a Modelfile."""
     from nekotune.export.gguf import export_gguf, prepare
     from nekotune.export.gguf_meta import adds_special_tokens
@@ -224,7 +224,7 @@ def ollama_dir(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
     parts = modelfile_parts(source.renderer, adds_special_tokens(source.tokenizer)["bos"])
     name = ollama_name(source.name)
     with atomic_dir(out_path, WRITTEN_BY) as tmp:
-        written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, progress)
+        written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, progress, imatrix)
         gguf_name = f"{name}-{written}.gguf"
         if written != type:
             (tmp / f"{name}-{type}.gguf").rename(tmp / gguf_name)

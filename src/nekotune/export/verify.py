@@ -6,18 +6,21 @@ For each demo held-out prompt, rendered by the same Renderer training used:
 - teacher-forced top-1 agreement: llama.cpp reads transformers' continuation and predicts each
   next token. Greedy runs split for good at the first near-tie, which says little about the
   numbers; this measure does not cascade, so it is the pass criterion (with tokenization).
+Then the next-token distributions on a fixed text against a reference, the source model in
+transformers or another GGUF such as the f16 export (--reference): top-1 agreement and mean KL
+divergence per token (export/divergence.py).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nekotune.config import Config
 from nekotune.errors import UserError
+from nekotune.export.divergence import Divergence
 
 N_TOKENS = 20
 # Minimum teacher-forced top-1 agreement, by the GGUF's file type: quantization moves near-ties.
@@ -140,6 +143,7 @@ class VerifyReport:
     file_type: str
     results: list[PromptResult]
     bos_ok: bool  # llama.cpp adds BOS exactly when transformers does
+    divergence: Divergence | None = None  # on the fixed text, against the reference
 
     @property
     def n_equal(self) -> int:
@@ -167,30 +171,54 @@ class Verification:
     """One GGUF opened in llama.cpp beside its source in transformers (`with` closes llama.cpp);
     `run()` compares them on the held-out prompts."""
 
-    def __init__(self, cfg: Config, file: str, model_arg: str | None, limit: int | None = None):
+    def __init__(self, cfg: Config, file: str, model_arg: str | None, limit: int | None = None,
+                 reference: str | None = None):
+        from nekotune.export.divergence import fixed_texts, open_llama
         from nekotune.model import load_source, resolve_source
 
         llama_cpp = require_llama_cpp()
         self.gguf = Path(file).expanduser()
         if not self.gguf.is_file() or self.gguf.suffix != ".gguf":
             raise UserError(f"{file} is not a .gguf file; give the file `nekotune export gguf` wrote")
+        self.reference = Path(reference).expanduser() if reference else None
+        if self.reference is not None and (not self.reference.is_file() or self.reference.suffix != ".gguf"):
+            raise UserError(f"--reference {reference} is not a .gguf file; give e.g. the f16 export of the same model")
         self.loaded = load_source(*resolve_source(cfg, model_arg, merged_prompts=True))
         self.prompts = heldout_prompts(self.loaded.cfg)[:limit]
-        longest = max(len(self.loaded.renderer.prompt_ids(c)) for c in self.prompts)
-        self.llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=longest + N_TOKENS + 8, logits_all=True,
-                                   verbose=False, n_threads=os.cpu_count() or 1, seed=0)
+        self.texts = fixed_texts(self.loaded)
+        n_ctx = max([len(self.loaded.renderer.prompt_ids(c)) + N_TOKENS for c in self.prompts]
+                    + [len(t) for t in self.texts]) + 8
+        self.llm = open_llama(llama_cpp, self.gguf, n_ctx)
+        self.ref_llm = None
+        try:
+            if self.reference is not None:
+                self.ref_llm = open_llama(llama_cpp, self.reference, n_ctx)
+        except BaseException:
+            self.llm.close()
+            raise
 
     @property
     def label(self) -> str:
         return self.loaded.spec.label
 
     def run(self) -> VerifyReport:
+        from nekotune.export.divergence import divergence, hf_logits, llama_logits
+
         renderer = self.loaded.renderer
         results = [compare_prompt(self.loaded, self.llm, conv, renderer.stop_token_ids) for conv in self.prompts]
-        return VerifyReport(self.gguf, gguf_file_type(self.gguf), results, bos_agrees(self.llm, renderer.tokenizer))
+        if self.ref_llm is not None and self.reference is not None:
+            ref_llm = self.ref_llm
+            d = divergence(lambda ids: llama_logits(ref_llm, ids), self.llm, self.texts,
+                           f"{self.reference.name} (llama.cpp)")
+        else:
+            d = divergence(lambda ids: hf_logits(self.loaded.model, ids), self.llm, self.texts,
+                           f"{self.label} (transformers)")
+        return VerifyReport(self.gguf, gguf_file_type(self.gguf), results, bos_agrees(self.llm, renderer.tokenizer), d)
 
     def close(self) -> None:
         self.llm.close()  # before interpreter shutdown, when llama_cpp's own cleanup would fail noisily
+        if self.ref_llm is not None:
+            self.ref_llm.close()
 
     def __enter__(self) -> "Verification":
         return self
