@@ -184,7 +184,10 @@ class EpochSchedule(_callback_base()):  # type: ignore[misc]
         self.eval_points: set[int] = set()
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
-        n = len(train_dataloader) if train_dataloader is not None else 0
+        try:  # the prepared, per-process loader: packing, accumulation and world size are in its length
+            n = len(train_dataloader) if train_dataloader is not None else 0
+        except TypeError:  # an iterable dataset has no length: its epochs are max_steps long
+            n = 0
         accum = args.gradient_accumulation_steps
         self.steps_per_epoch = max(1, n // accum + int(n % accum > 0)) if n else max(1, state.max_steps)
         self.save_points = _points(self.save, self.steps_per_epoch)
