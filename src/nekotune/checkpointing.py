@@ -15,6 +15,7 @@ Built on the Trainer's own machinery (save/eval strategies, `load_best_model_at_
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -57,11 +58,11 @@ class CheckpointPlan:
     args: dict  # TrainingArguments keyword arguments
     callbacks: list = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # adjustments, for the command to print
-    schedule: "EpochSchedule | None" = None
+    schedule: Any = None  # the EpochSchedule callback, when nekotune places the save/eval points
     early_stopping: "Any | None" = None  # the EarlyStopping callback, to ask whether it fired
 
 
-def _interval(value: float | None, key: str) -> float | int | None:
+def parse_interval(value: float | None, key: str) -> float | int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -87,8 +88,8 @@ def checkpoint_plan(train_cfg: Any, has_eval: bool) -> CheckpointPlan:
     """TrainingArguments kwargs and callbacks for the save/eval schedule, the best checkpoint and
     early stopping. `has_eval`: whether there is validation data."""
     s = CheckpointSettings.of(train_cfg)
-    save = _interval(s.save_steps, "train.save_steps")
-    evals = _interval(s.eval_steps, "train.eval_steps") if has_eval else None
+    save = parse_interval(s.save_steps, "train.save_steps")
+    evals = parse_interval(s.eval_steps, "train.eval_steps") if has_eval else None
     wants_metric = s.load_best or s.early_stopping_patience is not None
     notes: list[str] = []
     if wants_metric and not has_eval:
@@ -114,7 +115,7 @@ def checkpoint_plan(train_cfg: Any, has_eval: bool) -> CheckpointPlan:
     }
     schedule = None
     if isinstance(save, float) or isinstance(evals, float) or (s.load_best and _not_multiple(save, evals)):
-        schedule = EpochSchedule(save, evals)
+        schedule = epoch_schedule(save, evals)
         # the schedule owns the save/eval points: the Trainer's own `step % save_steps` test never
         # fires at this value (it still saves and evaluates at the last step), and it passes
         # TrainingArguments' checks (whole steps, save a multiple of eval for load_best)
@@ -127,7 +128,7 @@ def checkpoint_plan(train_cfg: Any, has_eval: bool) -> CheckpointPlan:
         args.update(metric_for_best_model=metric, greater_is_better=BEST_METRICS[metric])
     if s.load_best:
         args["load_best_model_at_end"] = True
-        callbacks.append(SaveNewBest(metric, BEST_METRICS[metric]))
+        callbacks.append(save_new_best(metric, BEST_METRICS[metric]))
     stopper = None
     if s.early_stopping_patience is not None:
         stopper = _early_stopping(s)
@@ -166,13 +167,30 @@ def _early_stopping(s: CheckpointSettings):
     return EarlyStopping(early_stopping_patience=patience, early_stopping_threshold=float(s.early_stopping_threshold))
 
 
-def _callback_base():
+@functools.cache
+def _callback_classes() -> tuple[type, type]:
+    """The TrainerCallback classes, made on first use: importing transformers takes seconds, and
+    config validation imports this module for `parse_interval`."""
     from transformers import TrainerCallback
 
-    return TrainerCallback
+    class EpochSchedule(_Schedule, TrainerCallback):
+        __doc__ = _Schedule.__doc__
+
+    class SaveNewBest(_SaveNewBest, TrainerCallback):
+        __doc__ = _SaveNewBest.__doc__
+
+    return EpochSchedule, SaveNewBest
 
 
-class EpochSchedule(_callback_base()):  # type: ignore[misc]
+def epoch_schedule(save: float | int | None, evals: float | int | None) -> Any:
+    return _callback_classes()[0](save, evals)
+
+
+def save_new_best(metric: str, greater_is_better: bool) -> Any:
+    return _callback_classes()[1](metric, greater_is_better)
+
+
+class _Schedule:
     """Save/evaluate at fractions of an epoch (floats below 1), or every N steps (ints), with the
     Trainer's own steps per epoch read at train begin. Fractions land on the same points in every
     epoch: 0.25 with 10 steps per epoch saves at steps 3, 5, 8, 10, then 13, 15, 18, 20 ..."""
@@ -229,7 +247,7 @@ def _points(value: float | int | None, steps_per_epoch: int) -> set[int]:
     return {min(steps_per_epoch, max(1, math.ceil(k * value * steps_per_epoch - 1e-9))) for k in range(1, count + 1)}
 
 
-class SaveNewBest(_callback_base()):  # type: ignore[misc]
+class _SaveNewBest:
     """With load_best: save at every evaluation that beats the best so far, so the Trainer can
     record it as the best checkpoint (it does only for evaluations that fall on a save step)."""
 
