@@ -111,6 +111,11 @@ def test_truncated_chinese_never_ends_in_a_broken_character(smol_tokenizer):
         assert not safe.endswith(habits.REPLACEMENT) and text.startswith(safe)
     assert broken > 0  # the byte-level tokenizer really does cut characters
     assert habits.decode_complete(smol_tokenizer, ids) == text
+    # a batch row filled up with padding after a cut character
+    pad = smol_tokenizer.pad_token_id if smol_tokenizer.pad_token_id is not None else smol_tokenizer.eos_token_id
+    cut = next(k for k in range(1, len(ids)) if smol_tokenizer.decode(ids[:k]).endswith(habits.REPLACEMENT))
+    padded = habits.decode_complete(smol_tokenizer, ids[:cut] + [pad] * 5, trailing={pad}, skip_special_tokens=True)
+    assert text.startswith(padded) and not padded.endswith(habits.REPLACEMENT)
 
 
 def test_utf8_safe_stream():

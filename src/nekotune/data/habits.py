@@ -154,10 +154,13 @@ def strip_broken_tail(text: str) -> str:
     return text.rstrip(REPLACEMENT)
 
 
-def decode_complete(tokenizer: Any, ids: Sequence[int], **decode_kwargs: Any) -> str:
+def decode_complete(tokenizer: Any, ids: Sequence[int], trailing: Iterable[int] = (), **decode_kwargs: Any) -> str:
     """Decode `ids`, leaving out trailing tokens that hold only part of a character (an answer cut
-    by max_new_tokens in the middle of a Chinese character, an emoji ...)."""
-    ids = list(ids)
+    by max_new_tokens in the middle of a Chinese character, an emoji ...). `trailing`: ids dropped
+    from the end first (the pad and stop tokens a batch is filled up with)."""
+    ids, drop = [int(i) for i in ids], set(trailing)
+    while ids and ids[-1] in drop:
+        ids.pop()
     text = tokenizer.decode(ids, **decode_kwargs)
     cut = 0
     while text.endswith(REPLACEMENT) and cut < MAX_UTF8_BYTES - 1 and cut < len(ids):
