@@ -124,14 +124,15 @@ def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored
 
     from nekotune.evaluation import masked_loss, text_metrics
     from nekotune.generate import GenSettings, generate_batch
-    from nekotune.model import load_for_inference, resolve
+    from nekotune.model import HubChoice, load_for_inference, resolve
 
     rows: dict[str, list[str]] = {}
     stats: dict[str, dict] = {}
     first = next((x for x in models if x != "base"), None)
+    hub = HubChoice.of(cfg.model)
     for m in models:
         # "base": the base model of the first other model (or of the config)
-        target = m if m != "base" else (resolve(first).base if first else cfg.model.name_or_path)
+        target = m if m != "base" else (resolve(first, hub=hub).base if first else cfg.model.name_or_path)
         loaded = load_for_inference(cfg, target)
         settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
         rows[m] = generate_batch(loaded.model, loaded.renderer, prompts, settings,

@@ -80,6 +80,16 @@ class Run:
         return last_checkpoint(self.dir)
 
     @property
+    def best_checkpoint(self) -> Path | None:
+        """With train.load_best: the checkpoint adapter/ was taken from (run.json best_checkpoint)."""
+        name = self.metrics.get("best_checkpoint")
+        if not isinstance(name, str) or not name:
+            return None
+        path = (self.dir / name).resolve()
+        # run.json is data: a best_checkpoint outside this run directory is not followed
+        return path if path.is_relative_to(self.dir.resolve()) else None
+
+    @property
     def locked(self) -> bool:
         return is_locked(self.dir)
 
