@@ -161,11 +161,13 @@ def predict(model: str | os.PathLike | None, file: str | os.PathLike, out: str |
 
 
 def compare(models: list[str], prompts: str | os.PathLike, out: str | os.PathLike, cfg: Config | None = None, *,
-            limit: int | None = None, eval_file: str | None = None) -> CompareResult:
-    """`nekotune compare`: every prompt answered by every model, as an HTML and a Markdown report."""
+            limit: int | None = None, eval_file: str | None = None, names: list[str] | None = None) -> CompareResult:
+    """`nekotune compare`: every prompt answered by every model, as an HTML and a Markdown report;
+    `names`: the column titles, one per model (default: the model paths)."""
     from nekotune.compare import compare as run_compare
 
-    return run_compare(_cfg(cfg), models, os.fspath(prompts), os.fspath(out), limit=limit, eval_file=eval_file)
+    return run_compare(_cfg(cfg), models, os.fspath(prompts), os.fspath(out), limit=limit, eval_file=eval_file,
+                       names=names)
 
 
 # -- merge and export ------------------------------------------------------------------------
