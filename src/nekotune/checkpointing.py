@@ -210,7 +210,8 @@ class _Schedule:
         self.steps_per_epoch = max(1, n // accum + int(n % accum > 0)) if n else max(1, state.max_steps)
         self.save_points = _points(self.save, self.steps_per_epoch)
         self.eval_points = _points(self.evals, self.steps_per_epoch)
-        log.info("%s", self.describe())
+        if state.is_world_process_zero:  # the command line shows the library's warnings: say where it saves
+            log.warning("note: %s", self.describe())
 
     def describe(self) -> str:
         parts = [f"{self.steps_per_epoch} optimizer steps per epoch"]

@@ -126,8 +126,10 @@ def _plans(cfg: Config, run: Path, data: PreparedData) -> _Plans:
 
     ckpt = checkpoint_plan(cfg.train, has_eval=bool(data.eval))
     report_to = cfg.train.report_to
-    if report_to is None:  # the default: TensorBoard, unless output.tensorboard=false
-        report_to = ["tensorboard"] if cfg.output.tensorboard else []
+    if report_to is None:  # the default: TensorBoard, unless output.tensorboard=false or it is not installed
+        import importlib.util
+
+        report_to = ["tensorboard"] if cfg.output.tensorboard and importlib.util.find_spec("tensorboard") else []
     elif not cfg.output.tensorboard:
         report_to = [t for t in report_to if t != "tensorboard"]
     trackers = tracker_plan(report_to or "none", run, cfg.output.run_name or run.name, cfg.to_dict(),
