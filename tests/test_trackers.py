@@ -221,26 +221,26 @@ def test_swanlab_offline_real(clean_env, tmp_path):
 
 
 def test_nekotune_train_reports_to_mlflow(clean_env, tiny_llama, qa_file, tmp_path):
-    """nekotune's own training loop with the mlflow tracker. Until train.report_to is a config key
-    (phase B), the plan's pieces go in through train(callbacks=...): transformers' MLflowCallback
-    stands for TrainingArguments(report_to=["mlflow"]), which adds that same callback."""
+    """nekotune's own training with train.report_to=mlflow and no MLFLOW_TRACKING_URI: the run's
+    metrics go to the file store next to the run directory."""
     from conftest import tiny_overrides
     from mlflow.tracking import MlflowClient
-    from transformers.integrations import MLflowCallback
 
     from nekotune.config import load_config
-    from nekotune.train import train
+    from nekotune.training import train
 
     store, out = tmp_path / "mlruns", tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(tiny_llama, qa_file, out, **{"train.max_steps": 4}), default_to_demo=False)
-    plan = trackers.tracker_plan("mlflow", out, "neko-run", cfg.to_dict(), mlflow_store=store)
-    assert plan.report_to == ["mlflow"]
-    run = train(cfg, show_progress=False, callbacks=[MLflowCallback(), *plan.callbacks])
+    cfg = load_config(None, tiny_overrides(tiny_llama, qa_file, out, **{
+        "train.max_steps": 4, "train.report_to": "mlflow", "output.run_name": "neko-run",
+        "output.tensorboard": "true"}), default_to_demo=False)
+    run = train(cfg, show_progress=False)
 
     client = MlflowClient(tracking_uri=store.as_uri())
     (mlrun,) = client.search_runs([client.get_experiment_by_name("nekotune").experiment_id])
+    assert mlrun.info.run_name == "neko-run"
     losses = json.loads((run / "run.json").read_text())["train_losses"]
     history = client.get_metric_history(mlrun.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(s, pytest.approx(v)) for s, v in losses]
     assert mlrun.data.params["nekotune.lora.r"] == "4" and mlrun.data.params["nekotune.run_name"] == "neko-run"
     assert mlrun.data.params["nekotune.model.name_or_path"] == str(tiny_llama)
+    assert not (run / "tb").exists()  # report_to names mlflow only: no TensorBoard
