@@ -130,3 +130,23 @@ def test_one_record_repeated_trains_with_a_note(tiny_llama, tmp_path, caplog):
     assert stats["rows"] == 1 and stats["repeat"] == 8 and stats["train_rows"] == 8 and stats["eval_rows"] == 0
     assert run.metrics["steps"] == 2  # 8 copies / batch 4
     assert any("data.val_size=0.1 ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_refuses_a_changed_repeat_and_accepts_runs_from_before_it(tmp_path):
+    import yaml
+
+    from nekotune.runs import check_resume_compatible
+
+    cfg = _cfg("data.repeat=4")
+    saved = cfg.to_dict()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_compatible(cfg, tmp_path)
+    with pytest.raises(UserError, match="data.repeat was 4 and is now 2"):
+        check_resume_compatible(_cfg("data.repeat=2"), tmp_path)
+    for key in ("repeat", "hub"):  # a run saved before issue 16 has neither key
+        saved["data"].pop(key)
+    saved["model"].pop("hub")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_compatible(_cfg(), tmp_path)
+    with pytest.raises(UserError, match="data.repeat was 1 and is now 4"):
+        check_resume_compatible(cfg, tmp_path)
