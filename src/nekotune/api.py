@@ -77,12 +77,12 @@ def check_data(file: str | os.PathLike, cfg: Config | None = None, model: str | 
                ) -> CheckReport:
     """`nekotune data check`: every row converted, rendered and measured with the model's tokenizer."""
     from nekotune.data.check import check_file
-    from nekotune.model import load_tokenizer, resolve
+    from nekotune.model import HubChoice, load_tokenizer, resolve
 
     cfg = _cfg(cfg)
 
     def tokenizer() -> tuple[Any, str]:
-        source = resolve(_arg(model) or cfg.model.name_or_path)
+        source = resolve(_arg(model) or cfg.model.name_or_path, hub=HubChoice.of(cfg.model))
         return load_tokenizer(source, cfg.model), source.base
 
     return check_file(os.fspath(file), cfg.data, tokenizer)
@@ -161,11 +161,13 @@ def predict(model: str | os.PathLike | None, file: str | os.PathLike, out: str |
 
 
 def compare(models: list[str], prompts: str | os.PathLike, out: str | os.PathLike, cfg: Config | None = None, *,
-            limit: int | None = None, eval_file: str | None = None) -> CompareResult:
-    """`nekotune compare`: every prompt answered by every model, as an HTML and a Markdown report."""
+            limit: int | None = None, eval_file: str | None = None, names: list[str] | None = None) -> CompareResult:
+    """`nekotune compare`: every prompt answered by every model, as an HTML and a Markdown report;
+    `names`: the column titles, one per model (default: the model paths)."""
     from nekotune.compare import compare as run_compare
 
-    return run_compare(_cfg(cfg), models, os.fspath(prompts), os.fspath(out), limit=limit, eval_file=eval_file)
+    return run_compare(_cfg(cfg), models, os.fspath(prompts), os.fspath(out), limit=limit, eval_file=eval_file,
+                       names=names)
 
 
 # -- merge and export ------------------------------------------------------------------------

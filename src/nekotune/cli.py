@@ -95,7 +95,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = _config(args, default_to_demo=False)
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
-    return compare_command(cfg, models, args.prompts, args.out, limit=args.limit, eval_file=args.eval_file)
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    return compare_command(cfg, models, args.prompts, args.out, limit=args.limit, eval_file=args.eval_file,
+                           names=names)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -233,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="HTML/Markdown report of several models side by side")
     p.add_argument("--models", required=True, help="comma-separated: base, run dirs, adapters, checkpoints")
+    p.add_argument("--names", default=None, help="comma-separated column titles, one per model (default: the paths)")
     p.add_argument("--prompts", required=True, help="a prompts file (.txt lines, or any dataset)")
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None)

@@ -95,8 +95,9 @@ SCORES = ("eval_loss", "perplexity", "bleu4", "rougeL", "chrf")
 
 
 def compare(cfg: Config, models: list[str], prompts_file: str, out_dir: str, limit: int | None = None,
-            eval_file: str | None = None) -> CompareResult:
-    """Every prompt answered by every model (greedy), per-model loss/metrics, one HTML + Markdown."""
+            eval_file: str | None = None, names: list[str] | None = None) -> CompareResult:
+    """Every prompt answered by every model (greedy), per-model loss/metrics, one HTML + Markdown;
+    `names` titles the models' columns (default: what --models gave)."""
     from nekotune.io import atomic_write_json
 
     if not models:
@@ -105,16 +106,30 @@ def compare(cfg: Config, models: list[str], prompts_file: str, out_dir: str, lim
     for m in models:
         if m != "base" and not Path(m).exists() and m.startswith((".", "/", "outputs")):
             raise UserError(f"model {m} not found")
+    labels = column_names(models, names)
     convs = load_prompts(prompts_file, cfg.data, limit=limit)
     prompts = [c.prompt_part() for c in convs]
     scored = [c for c in (load_prompts(eval_file, cfg.data) if eval_file else convs) if c.reference is not None]
-    rows, stats = _answers(cfg, models, prompts, scored, all_scored=len(scored) == len(convs))
+    by_model, by_model_stats = _answers(cfg, models, prompts, scored, all_scored=len(scored) == len(convs))
+    rows = {label: by_model[m] for label, m in zip(labels, models)}
+    stats = {label: by_model_stats[m] for label, m in zip(labels, models)}
     curve = _checkpoint_curve([m for m in models if m != "base"])
     out = Path(out_dir)
-    answers = [{"prompt": p.turns[-1].content, **{m: rows[m][i] for m in models}} for i, p in enumerate(prompts)]
-    atomic_write_json(out / "compare.json", {"models": models, "stats": stats, "answers": answers, "eval_curve": curve})
-    _write_reports(out, models, prompts, rows, stats, curve)
+    answers = [{"prompt": p.turns[-1].content, **{c: rows[c][i] for c in labels}} for i, p in enumerate(prompts)]
+    atomic_write_json(out / "compare.json", {"models": models, "names": labels, "stats": stats, "answers": answers,
+                                             "eval_curve": curve})
+    _write_reports(out, labels, prompts, rows, stats, curve)
     return CompareResult(out / "report.html", out / "report.md", out / "compare.json")
+
+
+def column_names(models: list[str], names: list[str] | None) -> list[str]:
+    """compare --names: one title per model, none empty or repeated (default: the model arguments)."""
+    if names is None:
+        return list(models)
+    if len(names) != len(models) or not all(names) or len(set(names)) != len(names):
+        raise UserError(f"--names gives {len(names)} name(s) for {len(models)} model(s) in --models; give one "
+                        f"distinct, non-empty name per model, comma-separated (e.g. --names base,tuned)")
+    return list(names)
 
 
 def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored: list[Conversation],
@@ -124,14 +139,15 @@ def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored
 
     from nekotune.evaluation import masked_loss, text_metrics
     from nekotune.generate import GenSettings, generate_batch
-    from nekotune.model import load_for_inference, resolve
+    from nekotune.model import HubChoice, load_for_inference, resolve
 
     rows: dict[str, list[str]] = {}
     stats: dict[str, dict] = {}
     first = next((x for x in models if x != "base"), None)
+    hub = HubChoice.of(cfg.model)
     for m in models:
         # "base": the base model of the first other model (or of the config)
-        target = m if m != "base" else (resolve(first).base if first else cfg.model.name_or_path)
+        target = m if m != "base" else (resolve(first, hub=hub).base if first else cfg.model.name_or_path)
         loaded = load_for_inference(cfg, target)
         settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
         rows[m] = generate_batch(loaded.model, loaded.renderer, prompts, settings,

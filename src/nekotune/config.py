@@ -36,6 +36,8 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = None
     chat_template: Optional[str] = None  # a Jinja file that replaces the tokenizer's template
     revision: Optional[str] = None
+    # issue 16: where a hub id is downloaded from (None: NEKOTUNE_HUB, else huggingface)
+    hub: Optional[Literal["huggingface", "modelscope"]] = None
 
 
 class DataConfig(_Section):
@@ -54,6 +56,9 @@ class DataConfig(_Section):
     enable_thinking: Optional[bool] = None
     packing: bool = True
     shuffle: bool = True
+    # issue 16: the hub a dataset id comes from; the training rows repeated N times
+    hub: Optional[Literal["huggingface", "modelscope"]] = None
+    repeat: int = Field(1, ge=1)
 
 
 class LoraConfig(_Section):
@@ -78,14 +83,50 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, ge=0)
     grad_checkpointing: Union[bool, Literal["auto"]] = "auto"
     logging_steps: int = Field(5, gt=0)
-    eval_steps: Optional[int] = Field(None, gt=0)
-    save_steps: Optional[int] = Field(None, gt=0)
+    # issue 16: whole steps, or a float below 1 meaning a fraction of an epoch (checkpointing.py)
+    eval_steps: Optional[float] = Field(None, gt=0)
+    save_steps: Optional[float] = Field(None, gt=0)
     save_total_limit: Optional[int] = Field(2, gt=0)
     seed: int = 42
     resume: Union[bool, Literal["auto"]] = False
     nan_policy: Literal["stop", "skip"] = "stop"
     liger: bool = False
     num_threads: Optional[int] = Field(None, gt=0)
+    # issue 16: the best checkpoint, early stopping, experiment trackers (checkpointing.py, trackers.py)
+    load_best: bool = False
+    best_metric: Optional[str] = None  # default eval_loss
+    early_stopping_patience: Optional[int] = Field(None, gt=0)  # evaluations without improvement
+    early_stopping_threshold: float = Field(0.0, ge=0)
+    report_to: Optional[Union[list[str], str]] = None  # tensorboard (default), wandb, swanlab, mlflow, none
+
+    @field_validator("save_steps", "eval_steps")
+    @classmethod
+    def _interval(cls, v, info):
+        from nekotune.checkpointing import parse_interval
+
+        try:
+            return parse_interval(v, f"train.{info.field_name}")
+        except UserError as exc:  # shown by validate() as "config key `train.save_steps` (...): <message>"
+            raise ValueError(_without_key(str(exc))) from None
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v):
+        from nekotune.trackers import parse_report_to
+
+        if v is None:
+            return None
+        try:
+            return parse_report_to(v)
+        except UserError as exc:
+            raise ValueError(_without_key(str(exc))) from None
+
+
+def _without_key(message: str) -> str:
+    """`train.save_steps=1.5: above 1 ...` -> `above 1 ...`: validate() names the key itself."""
+    import re
+
+    return re.sub(r"^train\.\w+(=\S+)?: ", "", message)
 
 
 class OutputConfig(_Section):
@@ -114,6 +155,7 @@ class GenerateConfig(_Section):
     repetition_penalty: float = Field(1.1, gt=0)
     seed: Optional[int] = None
     batch_size: int = Field(8, gt=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)  # issue 16: 0 = off; N: never repeat an N-gram
 
 
 class Config(_Section):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Generator
 
 from nekotune.data.formats import Conversation
+from nekotune.data.habits import decode_complete, hide_empty_think, hide_empty_think_stream, utf8_safe_stream
 from nekotune.data.render import Renderer
 from nekotune.errors import UserError
 
@@ -24,11 +25,13 @@ class GenSettings:
     top_k: int = 50
     repetition_penalty: float = 1.1
     seed: int | None = None
+    no_repeat_ngram_size: int = 0  # generate.no_repeat_ngram_size (issue 16): the "remove repeated text" habit
 
     @classmethod
     def from_config(cls, gen_cfg: Any, **overrides: Any) -> "GenSettings":
         values = {k: getattr(gen_cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k",
                                                    "repetition_penalty", "seed")}
+        values["no_repeat_ngram_size"] = getattr(gen_cfg, "no_repeat_ngram_size", 0) or 0
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validated()
 
@@ -40,6 +43,8 @@ class GenSettings:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be 0 (off) or more"),
             (self.repetition_penalty > 0, "repetition_penalty must be above 0"),
+            (isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
+             "no_repeat_ngram_size must be 0 (off) or a positive integer"),
         ]
         for ok, message in checks:
             if not ok:
@@ -98,6 +103,8 @@ def _generate_kwargs(settings: GenSettings, renderer: Renderer) -> dict:
     kwargs = {"max_new_tokens": settings.max_new_tokens, "eos_token_id": renderer.stop_token_ids or None,
               "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
               "repetition_penalty": settings.repetition_penalty}
+    if settings.no_repeat_ngram_size:  # transformers' own processor: no n-gram of this size twice
+        kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     if settings.temperature < MIN_TEMPERATURE:
         kwargs.update(greedy)
@@ -159,9 +166,10 @@ def stream(model: Any, renderer: Renderer, conv: Conversation, settings: GenSett
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        for piece in streamer:
-            if piece:
-                yield piece
+        # a character cut by the token limit is held back, not shown as U+FFFD, and an empty
+        # <think></think> block (Qwen3-style templates, thinking off) is not shown
+        for piece in hide_empty_think_stream(utf8_safe_stream(p for p in streamer if p)):
+            yield piece
     finally:
         flag.event.set()
         thread.join()
@@ -186,6 +194,7 @@ def generate_batch(model: Any, renderer: Renderer, convs: list[Conversation], se
     # Sorting by length keeps padding small; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
+    trailing = {t for t in [pad_id, *(renderer.stop_token_ids or [])] if t is not None}
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         batch = pad_batch([{"input_ids": prompts[i], "labels": prompts[i]} for i in chunk], pad_id, side="left")
@@ -196,7 +205,9 @@ def generate_batch(model: Any, renderer: Renderer, convs: list[Conversation], se
                                  attention_mask=batch["attention_mask"].to(device), **kwargs)
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(chunk):
-            answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()
+            # never ending in a broken UTF-8 character; without the empty think block
+            text = decode_complete(tok, out[row, width:].tolist(), trailing=trailing, skip_special_tokens=True)
+            answers[i] = hide_empty_think(text).strip()
         if on_batch:
             on_batch(len(chunk))
     return answers

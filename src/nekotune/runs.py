@@ -80,6 +80,16 @@ class Run:
         return last_checkpoint(self.dir)
 
     @property
+    def best_checkpoint(self) -> Path | None:
+        """With train.load_best: the checkpoint adapter/ was taken from (run.json best_checkpoint)."""
+        name = self.metrics.get("best_checkpoint")
+        if not isinstance(name, str) or not name:
+            return None
+        path = (self.dir / name).resolve()
+        # run.json is data: a best_checkpoint outside this run directory is not followed
+        return path if path.is_relative_to(self.dir.resolve()) else None
+
+    @property
     def locked(self) -> bool:
         return is_locked(self.dir)
 
@@ -298,6 +308,8 @@ RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "d
                      "data.max_seq_len", "data.system_prompt", "data.val_size", "lora.r", "lora.alpha",
                      "lora.target_modules", "lora.modules_to_save", "lora.use_dora", "lora.use_rslora",
                      "train.batch_size", "train.grad_accum", "train.seed")
+# issue 16: keys that change the rows or their source, with the value a run saved before they existed
+RESUME_NEW_KEYS = {"data.repeat": 1, "data.hub": None, "model.hub": None}
 
 
 def check_resume_compatible(cfg: Any, run: Path) -> None:
@@ -305,8 +317,10 @@ def check_resume_compatible(cfg: Any, run: Path) -> None:
         return
     saved = read_run_config(run / "config.yaml")
     now = cfg.to_dict()
-    for key in RESUME_MUST_MATCH:
+    for key in (*RESUME_MUST_MATCH, *RESUME_NEW_KEYS):
         a, b = _dig(saved, key), _dig(now, key)
+        if a is None and key in RESUME_NEW_KEYS:
+            a = RESUME_NEW_KEYS[key]
         if a != b:
             raise UserError(f"cannot resume {run}: {key} was {a!r} and is now {b!r}; use the same config "
                             f"or start a new run (output.dir=...)")

@@ -17,13 +17,14 @@ from nekotune.model import load_for_inference
 HELP = """commands:
   /reset          forget the conversation
   /system TEXT    set the system prompt (and reset); /system alone shows it
-  /set KEY VALUE  generation setting: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed
+  /set KEY VALUE  generation setting: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
+                  no_repeat_ngram_size
   /help           this help
   /exit           quit (also `exit`, Ctrl-D)
 Ctrl-C while the model writes stops that answer."""
 
 SETTING_TYPES = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int,
-                 "repetition_penalty": float, "seed": int}
+                 "repetition_penalty": float, "seed": int, "no_repeat_ngram_size": int}
 
 
 @command
@@ -151,9 +152,9 @@ def eval_command(cfg: Config, model_arg: str | None, file: str, out_dir: str | N
 
 @command
 def compare_command(cfg: Config, models: list[str], prompts_file: str, out_dir: str, limit: int | None = None,
-                    eval_file: str | None = None) -> int:
+                    eval_file: str | None = None, names: list[str] | None = None) -> int:
     from nekotune.api import compare
 
-    done = compare(models, prompts_file, out_dir, cfg, limit=limit, eval_file=eval_file)
+    done = compare(models, prompts_file, out_dir, cfg, limit=limit, eval_file=eval_file, names=names)
     print(f"report: {done.html} and {done.markdown}")
     return 0

@@ -5,15 +5,18 @@
 
 from __future__ import annotations
 
-import random
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nekotune.data.formats import Conversation, Turn, to_conversations
+from nekotune.data.habits import repeat_rows, split_rows
 from nekotune.data.render import Encoded, Renderer
 from nekotune.data.sources import read_rows
 from nekotune.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo" / "neko_demo.json"
 DEMO_HELDOUT = Path(__file__).resolve().parent.parent / "demo" / "heldout.json"
@@ -25,7 +28,8 @@ __all__ = ["Conversation", "Turn", "Encoded", "Renderer", "load_conversations", 
 def load_conversations(path: str | None, data_cfg: Any, max_rows: int | None = None,
                        prompts_only: bool = False) -> tuple[list[Conversation], str]:
     path = path or str(DEMO_DATA)
-    rows = read_rows(path, split=data_cfg.split, max_rows=max_rows or data_cfg.max_rows)
+    rows = read_rows(path, split=data_cfg.split, max_rows=max_rows or data_cfg.max_rows,
+                     hub=getattr(data_cfg, "hub", None))
     return to_conversations(rows, data_cfg.format, data_cfg.columns, source=path, prompts_only=prompts_only)
 
 
@@ -56,17 +60,6 @@ def _encode_all(convs: list[Conversation], renderer: Renderer) -> tuple[list[Enc
     return out, truncated, dropped
 
 
-def _split(convs: list[Conversation], val_size: float, seed: int) -> tuple[list, list]:
-    if val_size <= 0:
-        return convs, []
-    n_val = int(round(val_size * len(convs))) if val_size < 1 else int(val_size)
-    n_val = max(1, min(n_val, len(convs) - 1))
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return [c for i, c in enumerate(convs) if i not in val_idx], [c for i, c in enumerate(convs) if i in val_idx]
-
-
 def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
     path = cfg.data.path or str(DEMO_DATA)
     convs, fmt = load_conversations(path, cfg.data)
@@ -74,8 +67,13 @@ def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
         train_convs = convs
         eval_convs, _ = load_conversations(cfg.data.val_path, cfg.data, max_rows=None)
     else:
-        train_convs, eval_convs = _split(convs, cfg.data.val_size, cfg.train.seed)
+        train_convs, eval_convs, note = split_rows(convs, cfg.data.val_size, cfg.train.seed)
+        if note:  # a one-row dataset trains on its row instead of failing (issue 16)
+            log.warning("note: %s", note)
     train, truncated, dropped = _encode_all(train_convs, renderer)
+    repeat = getattr(cfg.data, "repeat", 1) or 1
+    if repeat > 1:  # after the split, so no validation row is trained on; the Trainer shuffles per epoch
+        train = repeat_rows(train, repeat)
     evals, _, _ = _encode_all(eval_convs, renderer)
     if not train:
         raise UserError(f"{path}: no trainable rows left ({dropped} dropped as longer than data.max_seq_len="
@@ -84,6 +82,7 @@ def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
     lengths = [len(e.input_ids) for e in train]
     stats = {
         "path": path, "format": fmt, "rows": len(convs), "train_rows": len(train), "eval_rows": len(evals),
+        "repeat": repeat,
         "truncated_rows": truncated, "dropped_rows": dropped, "tokens": sum(lengths),
         "trained_tokens": sum(e.n_trained for e in train),
         "length_p50": percentile(lengths, 50), "length_p95": percentile(lengths, 95), "length_max": max(lengths),

@@ -132,51 +132,25 @@ def from_prompt_target(row: Row) -> Conversation:
                         system=_text(row, "system", required=False) or None, where=row.where)
 
 
-def _chat_turns(row: Row, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Conversation:
-    items = row.data.get(key)
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{row.where}: field `{key}` must be a non-empty list of turns; fields found: "
-                        f"{_fields(row.data)}")
-    system = None
-    turns: list[Turn] = []
-    for i, item in enumerate(items, start=1):
-        if not isinstance(item, dict):
-            raise UserError(f"{row.where}: {key}[{i}] must be an object with `{role_key}` and `{content_key}`")
-        raw_role = item.get(role_key)
-        role = roles.get(str(raw_role).lower()) if raw_role is not None else None
-        if role is None:
-            raise UserError(f"{row.where}: {key}[{i}].{role_key} is {raw_role!r}; use one of "
-                            f"{', '.join(sorted(set(roles)))}")
-        content = item.get(content_key)
-        if not isinstance(content, str):
-            raise UserError(f"{row.where}: {key}[{i}].{content_key} must be text, got {type(content).__name__}")
-        if role == "system":
-            if turns:
-                raise UserError(f"{row.where}: {key}[{i}] is a system message after the conversation started; "
-                                f"put it first")
-            system = content.strip()
-            continue
-        expected = "user" if not turns or turns[-1].role == "assistant" else "assistant"
-        if role != expected:
-            raise UserError(f"{row.where}: {key}[{i}] is `{raw_role}` but a {expected} turn was expected; "
-                            f"turns must alternate user/assistant")
-        if not content.strip():
-            raise UserError(f"{row.where}: {key}[{i}].{content_key} is empty; fill it in or delete the row")
-        turns.append(Turn(role, content.strip()))
-    if not turns or turns[-1].role != "assistant":
-        raise UserError(f"{row.where}: `{key}` must end with an assistant turn to have something to train on")
-    return Conversation(turns=turns, system=system or None, where=row.where)
+def _chat(row: Row, key: str, prompts_only: bool = False) -> Conversation:
+    """A chat row: turns keyed role/content or from/value (habits.find_chat_column) under `key`,
+    else under whichever column holds them (`conversations` with role/content is chat messages)."""
+    from nekotune.data import habits  # habits builds on this module's Conversation
+
+    keys = habits.turn_keys(row.data.get(key))
+    chat = habits.ChatColumn(key, *keys) if keys else habits.find_chat_column(row.data)
+    if chat is None:
+        raise UserError(f"{row.where}: field `{key}` must be a non-empty list of turns with role/content (or "
+                        f"from/value) keys; fields found: {_fields(row.data)}")
+    return habits.chat_conversation(row.data, row.where, chat, prompts_only=prompts_only)
 
 
-def from_messages(row: Row) -> Conversation:
-    return _chat_turns(row, "messages", "role", "content", {r: r for r in ROLES})
+def from_messages(row: Row, prompts_only: bool = False) -> Conversation:
+    return _chat(row, "messages", prompts_only)
 
 
-def from_sharegpt(row: Row) -> Conversation:
-    conv = _chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES)
-    if conv.system is None and isinstance(row.data.get("system"), str):
-        conv.system = row.data["system"].strip() or None
-    return conv
+def from_sharegpt(row: Row, prompts_only: bool = False) -> Conversation:
+    return _chat(row, "conversations", prompts_only)
 
 
 def from_text(row: Row) -> Conversation:
@@ -197,6 +171,11 @@ FORMATS: dict[str, Callable[[Row], Conversation]] = {name: _ADAPTERS[name] for n
 
 
 def detect_format(data: dict) -> str | None:
+    from nekotune.data.habits import find_chat_column
+
+    chat = find_chat_column(data)  # any column of chat turns: role/content is messages, from/value ShareGPT
+    if chat is not None:
+        return "messages" if chat.role_key == "role" else "sharegpt"
     if "messages" in data:
         return "messages"
     if "conversations" in data:
@@ -230,8 +209,10 @@ def to_conversations(rows: list[Row], fmt: str = "auto", columns: dict[str, str]
     if fmt not in FORMATS:
         raise UserError(f"unknown data.format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
     convert = FORMATS[fmt]
-    if prompts_only and fmt in ("alpaca", "qa"):
-        convert = lambda r: from_alpaca(r, prompts_only=True)  # noqa: E731
+    if prompts_only and fmt in ("alpaca", "qa", "messages", "sharegpt"):
+        # prompt-only rows for predict/compare/serve: no answer, or messages ending with a user turn
+        adapter = _ADAPTERS[fmt]
+        convert = lambda r: adapter(r, prompts_only=True)  # type: ignore[call-arg]  # noqa: E731
     if fmt == "alpaca" and "input" in rows[0].data and "instruction" not in rows[0].data and \
             not _first_key(rows[0].data, QUESTION_KEYS):
         # input/output pairs: the input is the question

@@ -26,7 +26,8 @@ class Row:
     where: str  # "path row N" / "path line N"
 
 
-def read_rows(path: str, split: str = "train", max_rows: int | None = None) -> list[Row]:
+def read_rows(path: str, split: str = "train", max_rows: int | None = None, hub: str | None = None) -> list[Row]:
+    """`hub`: data.hub for a dataset id (None: NEKOTUNE_HUB, else huggingface)."""
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUPPORTED and f.is_file())
@@ -36,7 +37,7 @@ def read_rows(path: str, split: str = "train", max_rows: int | None = None) -> l
     elif p.is_file():
         rows = _read_file(p)
     elif _looks_like_hub_id(path):
-        rows = _read_hub(path, split)
+        rows = _read_hub(path, split, hub)
     else:
         raise UserError(f"data file {path} not found; give a .json/.jsonl/.csv/.parquet file, a directory "
                         f"or a Hugging Face dataset id (owner/name)")
@@ -166,13 +167,10 @@ def _read_parquet(p: Path) -> list[Row]:
     return [Row(rec, f"{p} row {i}") for i, rec in enumerate(table.to_pylist(), start=1)]
 
 
-def _read_hub(name: str, split: str) -> list[Row]:
-    try:
-        import datasets
+def _read_hub(name: str, split: str, hub: str | None) -> list[Row]:
+    """A hub dataset's data files for `split` (never a loading script), read like local files;
+    hub.py fails fast with one line when the hub cannot be reached."""
+    from nekotune.hub import download_dataset, hub_name
 
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot load Hugging Face dataset {name!r} split {split!r} ({first}); check the id, "
-                        f"your network, or download it and point data.path at the file") from None
-    return [Row(dict(rec), f"{name}[{split}] row {i}") for i, rec in enumerate(ds, start=1)]
+    files = download_dataset(name, hub_name(hub, "data.hub"), split)
+    return [r for f in files for r in _read_file(f)]

@@ -17,6 +17,7 @@ from nekotune.model.load import (
                                  require_safetensors_adapter,
 )
 from nekotune.model.source import (
+                                 HubChoice,
                                  ModelSource,
                                  cache_dir,
                                  effective_config,
@@ -29,7 +30,7 @@ from nekotune.model.source import (
                                  with_merge_info,
 )
 
-__all__ = ["Loaded", "ModelSource", "Precision", "attach_adapter", "cache_dir", "chat_template_text",
+__all__ = ["HubChoice", "Loaded", "ModelSource", "Precision", "attach_adapter", "cache_dir", "chat_template_text",
            "check_quantization", "cpu_has_fast_bf16", "effective_config", "embedded_gguf", "gguf_to_hf_dir",
            "load_for_inference", "load_model", "load_source", "load_tokenizer", "merge_info", "pick_device",
            "pick_precision", "require_safetensors_adapter", "resolve", "resolve_base", "resolve_source",

@@ -89,7 +89,21 @@ def gguf_to_hf_dir(gguf_path: Path) -> Path:
     return target
 
 
-def resolve_base(name: str | None) -> str:
+@dataclass(frozen=True)
+class HubChoice:
+    """Where a hub id is downloaded from (model.hub, model.revision) and whether the user's own
+    config lets it bring code (model.trust_remote_code); never taken from a run's config."""
+
+    hub: str | None = None
+    revision: str | None = None
+    allow_code: bool = False
+
+    @classmethod
+    def of(cls, model_cfg) -> "HubChoice":
+        return cls(model_cfg.hub, model_cfg.revision, bool(model_cfg.trust_remote_code))
+
+
+def resolve_base(name: str | None, hub: HubChoice | None = None) -> str:
     if name in (DEFAULT_MODEL, "", None):
         return str(gguf_to_hf_dir(embedded_gguf()))
     assert name is not None
@@ -106,21 +120,31 @@ def resolve_base(name: str | None) -> str:
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise UserError(f"model path {name} not found; check the path or use a hub id like Qwen/Qwen3-1.7B")
-    return name  # a hub id; from_pretrained downloads it
+    return download_base(name, hub or HubChoice())
 
 
-def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: str = "outputs") -> ModelSource:
-    """Turn what the user typed into a base model and an optional adapter."""
+def download_base(repo_id: str, hub: HubChoice) -> str:
+    """A hub id as a local directory: safetensors, configs and tokenizer files only, through
+    hub.py (a bounded probe first, so an unreachable hub fails in seconds with one line)."""
+    from nekotune.hub import download_model, hub_name
+
+    return str(download_model(repo_id, hub_name(hub.hub, "model.hub"), hub.revision, allow_code=hub.allow_code))
+
+
+def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: str = "outputs",
+            hub: HubChoice | None = None) -> ModelSource:
+    """Turn what the user typed into a base model and an optional adapter (`hub`: where hub ids
+    come from, see HubChoice)."""
     if spec is None:
         run = latest_run(outputs_root)
         if run is None:
-            return ModelSource(base=resolve_base(default_base))
+            return ModelSource(base=resolve_base(default_base, hub))
         spec = str(run)
     p = Path(spec).expanduser()
     if p.is_dir():
         recover_dir(p / "adapter")  # a crash between atomic_dir's two renames left it as .adapter.old
     if p.is_dir() and Run(p).finished:  # a run directory
-        source = resolve(str(Run(p).adapter))
+        source = resolve(str(Run(p).adapter), hub=hub)
         source.run, source.run_config = Run(p), Run(p).config()
         return source
     if p.is_dir() and (p / "adapter_config.json").is_file():  # an adapter or a checkpoint
@@ -130,10 +154,10 @@ def resolve(spec: str | None, default_base: str = DEFAULT_MODEL, outputs_root: s
         run_model: dict = run_cfg["model"] if isinstance(run_cfg.get("model"), dict) else {}
         if not Path(str(base)).exists() and isinstance(run_model.get("name_or_path"), str):
             base = run_model["name_or_path"]
-        return ModelSource(base=resolve_base(base), adapter=str(p), run=run, run_config=run_cfg)
+        return ModelSource(base=resolve_base(base, hub), adapter=str(p), run=run, run_config=run_cfg)
     if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints").is_dir():
         raise UserError(f"{p} holds no finished adapter yet; resume training or pass a checkpoint directory")
-    base = resolve_base(spec)
+    base = resolve_base(spec, hub)
     return ModelSource(base=base, merge_info=merge_info(base))
 
 
@@ -177,6 +201,6 @@ def resolve_source(cfg: Config, model_arg: str | None, merged_prompts: bool = Fa
     the latest run; with the config the model is used with. `merged_prompts`: a merged directory's
     remembered prompt settings apply too (the exports and verify, which write or check a prompt)."""
     explicit = cfg.model.name_or_path if "name_or_path" in cfg.model.model_fields_set else None
-    source = resolve(model_arg or explicit, outputs_root=cfg.output.root)
+    source = resolve(model_arg or explicit, outputs_root=cfg.output.root, hub=HubChoice.of(cfg.model))
     effective = effective_config(cfg, source)
     return source, with_merge_info(effective, source) if merged_prompts else effective

@@ -221,7 +221,7 @@ def prepare(server: Server, req: Any, conv: Conversation, stops: list[str]) -> G
         settings = GenSettings(max_new_tokens=max_new, temperature=_pick(req.temperature, d.temperature),
                                top_p=_pick(req.top_p, d.top_p), top_k=_pick(req.top_k, d.top_k),
                                repetition_penalty=_pick(req.repetition_penalty, d.repetition_penalty),
-                               seed=_pick(req.seed, d.seed)).validated()
+                               seed=_pick(req.seed, d.seed), no_repeat_ngram_size=d.no_repeat_ngram_size).validated()
     except UserError as exc:
         raise bad_request(str(exc)) from None
     return Generation(server, entry, conv, settings, stops, prompt_tokens)

@@ -97,18 +97,6 @@ def make_callbacks(stats: Stats, reporter: TrainReporter, live: bool, interrupt:
     return [Report(), MarkComplete()]
 
 
-def tensorboard_callback(run: Path) -> Any:
-    from transformers.integrations import TensorBoardCallback
-
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: the run still trains
-        from transformers import TrainerCallback
-
-        return TrainerCallback()
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run / "tb")))
-
-
 class Interrupt:
     """First Ctrl-C/SIGTERM: finish the step, save a checkpoint, exit 130. Second: exit now."""
 

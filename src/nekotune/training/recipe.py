@@ -34,7 +34,6 @@ from nekotune.training.callbacks import (
     TrainingInterrupted,
     TrainReporter,
     make_callbacks,
-    tensorboard_callback,
 )
 from nekotune.training.report import plot_losses, save_adapter, write_run_json
 from nekotune.training.trainer import NonFiniteLoss, install_speedups, make_trainer_class
@@ -83,7 +82,7 @@ def _prepare(cfg: Config, run: Path, rank0: bool, reporter: TrainReporter) -> _P
     M.check_quantization(cfg.model, device)
     precision = M.pick_precision(device, cfg.model.dtype, training=True)
     set_seed(cfg.train.seed)
-    spec = M.resolve(cfg.model.name_or_path) if cfg.model.name_or_path else M.resolve(None)
+    spec = M.resolve(cfg.model.name_or_path or None, hub=M.HubChoice.of(cfg.model))
     if spec.adapter:
         raise UserError(f"model.name_or_path={cfg.model.name_or_path} is an adapter; train on its base model "
                         f"({spec.base}) or merge it first with `nekotune merge`")
@@ -112,24 +111,52 @@ class _Examples:
         return {"input_ids": self.items[i].input_ids, "labels": self.items[i].labels}
 
 
+@dataclass
+class _Plans:
+    """What train.* asks of the Trainer beyond the loop (issue 16): the save/eval schedule, the best
+    checkpoint and early stopping (checkpointing.py), and the experiment trackers (trackers.py)."""
+
+    checkpoints: Any
+    trackers: Any
+
+
+def _plans(cfg: Config, run: Path, data: PreparedData) -> _Plans:
+    from nekotune.checkpointing import checkpoint_plan
+    from nekotune.trackers import tracker_plan
+
+    ckpt = checkpoint_plan(cfg.train, has_eval=bool(data.eval))
+    report_to = cfg.train.report_to
+    if report_to is None:  # the default: TensorBoard, unless output.tensorboard=false or it is not installed
+        import importlib.util
+
+        report_to = ["tensorboard"] if cfg.output.tensorboard and importlib.util.find_spec("tensorboard") else []
+    elif not cfg.output.tensorboard:
+        report_to = [t for t in report_to if t != "tensorboard"]
+    trackers = tracker_plan(report_to or "none", run, cfg.output.run_name or run.name, cfg.to_dict(),
+                            rank0=_is_rank0(), mlflow_store=run.parent / "mlruns")
+    for note in ckpt.notes + trackers.notes:
+        log.warning("note: %s", note)
+    return _Plans(ckpt, trackers)
+
+
 def _make_trainer(cfg: Config, run: Path, parts: _Parts, stats: Stats, interrupt: Any, live: bool,
-                  callbacks: list | None, reporter: TrainReporter) -> Any:
+                  callbacks: list | None, reporter: TrainReporter) -> tuple[Any, _Plans]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from nekotune.data.collate import Collator
 
-    all_callbacks = make_callbacks(stats, reporter, live and _is_rank0(), interrupt) + list(callbacks or [])
-    if cfg.output.tensorboard and _is_rank0():
-        all_callbacks.append(tensorboard_callback(run))
     data = parts.data
+    plans = _plans(cfg, run, data)
+    all_callbacks = (make_callbacks(stats, reporter, live and _is_rank0(), interrupt) + plans.checkpoints.callbacks
+                     + plans.trackers.callbacks + list(callbacks or []))
     trainer = make_trainer_class()(
-        model=parts.model, args=training_args(cfg, run, parts.precision, data, parts.grad_ckpt),
+        model=parts.model, args=training_args(cfg, run, parts.precision, data, parts.grad_ckpt, plans),
         train_dataset=_Examples(data.train), eval_dataset=_Examples(data.eval) if data.eval else None,
         data_collator=Collator(parts.tokenizer.pad_token_id, cfg.data.packing), callbacks=all_callbacks,
         stats=stats, nan_policy=cfg.train.nan_policy)
     for cb in (ProgressCallback, PrinterCallback):  # the reporter shows progress instead
         trainer.remove_callback(cb)
-    return trainer
+    return trainer, plans
 
 
 def _is_rank0() -> bool:
@@ -156,7 +183,7 @@ def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTra
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
     stats = Stats()
     interrupt = stop_flag if stop_flag is not None else Interrupt(reporter)
-    trainer = _make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks, reporter)
+    trainer, plans = _make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks, reporter)
     try:
         with (interrupt if stop_flag is None else contextlib.nullcontext()):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -172,17 +199,24 @@ def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTra
     if interrupt.requested:
         raise TrainingInterrupted(run, last_checkpoint(run))
     if rank0:
-        _save_results(cfg, run, parts, trainer, stats)
+        _save_results(cfg, run, parts, trainer, stats, plans)
         if after_train is not None:
             after_train(parts.model, parts.renderer, run)
     return run
 
 
-def _save_results(cfg: Config, run: Path, parts: _Parts, trainer: Any, stats: Stats) -> None:
+def _save_results(cfg: Config, run: Path, parts: _Parts, trainer: Any, stats: Stats, plans: _Plans) -> None:
+    from nekotune.checkpointing import best_fields, stop_message
+
+    # with train.load_best the Trainer has loaded the best checkpoint's weights: adapter/ is the best
+    best = best_fields(trainer.state, run, plans.checkpoints)
+    message = stop_message(best, trainer.state.max_steps)
+    if message:
+        log.warning("%s", message)
     try:
         save_adapter(parts.model, parts.tokenizer, run)
         write_run_json(cfg, run, parts.data.stats, trainer.state, stats, parts.precision, parts.grad_ckpt,
-                       parts.base, parts.speed)
+                       parts.base, {**parts.speed, **best})
         if cfg.output.plot:
             plot_losses(trainer.state.log_history, run / "loss.png")
     except Exception as exc:
@@ -268,13 +302,16 @@ LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy"
                  "fused_linear_cross_entropy": False}
 
 
-def training_args(cfg: Config, run: Path, precision: Any, data: PreparedData, grad_ckpt: bool) -> Any:
-    """The Trainer's arguments: every choice the recipe makes is here, in one constructor call."""
+def training_args(cfg: Config, run: Path, precision: Any, data: PreparedData, grad_ckpt: bool,
+                  plans: _Plans | None = None) -> Any:
+    """The Trainer's arguments: every choice the recipe makes is here, in one constructor call.
+    `plans`: the schedule/best-checkpoint/early-stopping and tracker choices (made from the config
+    when not given)."""
     import torch
     from transformers import TrainingArguments
 
+    plans = plans or _plans(cfg, run, data)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum))
-    eval_strategy = "no" if not data.eval else ("steps" if cfg.train.eval_steps else "epoch")
     t = cfg.train
     return TrainingArguments(
         output_dir=str(run / "checkpoints"),
@@ -284,17 +321,16 @@ def training_args(cfg: Config, run: Path, precision: Any, data: PreparedData, gr
         learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=min(t.logging_steps, max(1, steps_per_epoch)), logging_first_step=True,
-        eval_strategy=eval_strategy, eval_steps=t.eval_steps,
-        # save_steps counts only with the "steps" strategy; 500 is the Trainer's own default
-        save_strategy="steps" if t.save_steps else "epoch", save_steps=t.save_steps or 500,
-        # at least 2: a kill between rotating old checkpoints and marking the new one complete
-        # must still leave one complete checkpoint
-        save_total_limit=max(2, t.save_total_limit) if t.save_total_limit else None,
+        # save/eval strategies and steps, save_total_limit (at least 2, never the best checkpoint),
+        # load_best_model_at_end and metric_for_best_model: checkpointing.checkpoint_plan
+        **plans.checkpoints.args,
         seed=t.seed, data_seed=t.seed,
         bf16=precision.autocast == torch.bfloat16, fp16=precision.autocast == torch.float16,
         use_cpu=precision.device == "cpu",
         use_liger_kernel=wants_liger(cfg, precision.device), liger_kernel_config=LIGER_KERNELS,
-        report_to="none", disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        # wandb/mlflow through transformers' integrations; TensorBoard and swanlab as callbacks
+        report_to=plans.trackers.report_to, run_name=plans.trackers.run_name,
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
         prediction_loss_only=True,
         gradient_checkpointing=False,  # enabled on the model in build_peft_model when wanted
         optim="adamw_torch", ddp_find_unused_parameters=False,
