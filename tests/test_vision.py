@@ -23,21 +23,20 @@ from vision_fixtures import build_tiny_vlm, noise_image, save_image, tiny_vl_con
 from nekotune.data.render import IGNORE
 from nekotune.data.sources import Row
 from nekotune.errors import UserError
-from nekotune.vision.collate import VisionCollator, VisionDataset
+from nekotune.data.vision_collate import VisionCollator, VisionDataset
 from nekotune.vision.families import checkpoint_name, family_of, gguf_refusal, is_vlm, lora_targets
-from nekotune.vision.formats import (
-    IMAGE,
-    VisionConversation,
-    VisionTurn,
+from nekotune.data.formats import IMAGE, Conversation, Turn
+from nekotune.data.image_rows import (
     to_vision_conversation,
     turn_from_content,
     user_turn,
 )
-from nekotune.vision.images import REQUEST_POLICY, ImagePolicy, ImageRef, image_size, load_image
-from nekotune.vision.loss import install_vlm_fast_loss, rope_index_of, vlm_fast_forward
+from nekotune.data.images import REQUEST_POLICY, ImagePolicy, ImageRef, image_size, load_image
+from nekotune.training.vision_loss import install_vlm_fast_loss, rope_index_of, vlm_fast_forward
 from nekotune.vision.plan import vision_plan
-from nekotune.vision.processor import copy_processor_files, image_tokens, load_processor, processor_source
-from nekotune.vision.render import VisionRenderer, image_stats
+from nekotune.data.images import image_tokens
+from nekotune.model.processor import copy_processor_files, load_processor, processor_source
+from nekotune.data.vision_render import VisionRenderer, image_stats
 
 ARCHS = ["qwen3_vl", "qwen2_vl"]
 
@@ -256,7 +255,7 @@ def test_llamafactory_sharegpt_and_parts_shapes(tmp_path):
                             {"role": "assistant", "content": "A"}], "images": [{"bytes": b"x", "path": None}]}, "r")
     assert to_vision_conversation(trl).images[0].source == {"bytes": b"x", "path": None}
     prompt = to_vision_conversation(_two_turn_row(["1.jpg", "2.jpg", "3.jpg"])).prompt_part()
-    assert isinstance(prompt, VisionConversation) and [r.source for r in prompt.images] == ["1.jpg", "2.jpg", "3.jpg"]
+    assert isinstance(prompt, Conversation) and [r.source for r in prompt.images] == ["1.jpg", "2.jpg", "3.jpg"]
     assert user_turn("hi", ["x.png"]).parts() == [{"type": "image"}, {"type": "text", "text": "hi"}]
 
 
@@ -314,7 +313,7 @@ def test_prompt_inputs_equal_processor_chat_template(processors, arch):
     proc = processors[arch]
     img = noise_image(90, 120, 3)
     renderer = VisionRenderer(proc, max_seq_len=4096)
-    conv = VisionConversation(turns=[user_turn("What is this?", [img])], where="request")
+    conv = Conversation(turns=[user_turn("What is this?", [img])], where="request")
     mine = renderer.prompt_inputs(conv)
     theirs = proc.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": img},
                                                                     {"type": "text", "text": "What is this?"}]}],
@@ -328,13 +327,13 @@ def test_openai_request_messages_with_image_url(processors):
     proc = processors["qwen3_vl"]
     img = noise_image(64, 48, 5)
     content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": _data_url(img)}}]
-    conv = VisionConversation(turns=[turn_from_content("user", content, "messages[0].content")], where="request")
+    conv = Conversation(turns=[turn_from_content("user", content, "messages[0].content")], where="request")
     served = VisionRenderer(proc, REQUEST_POLICY).prompt_inputs(conv)
     direct = VisionRenderer(proc).prompt_inputs(
-        VisionConversation(turns=[VisionTurn("user", f"What is this?{IMAGE}", [ImageRef(img)])], where="x"))
+        Conversation(turns=[Turn("user", f"What is this?{IMAGE}", [ImageRef(img)])], where="x"))
     assert all(torch.equal(served[k], direct[k]) for k in direct)
     local = [{"type": "image_url", "image_url": {"url": "/etc/hostname"}}]
-    conv = VisionConversation(turns=[turn_from_content("user", local, "messages[0].content")], where="request")
+    conv = Conversation(turns=[turn_from_content("user", local, "messages[0].content")], where="request")
     with pytest.raises(UserError, match="request: image /etc/hostname is a local file path, which is not accepted"):
         VisionRenderer(proc, REQUEST_POLICY).prompt_inputs(conv)
     with pytest.raises(UserError, match="messages\\[1\\].content: the assistant message has an image"):
@@ -430,7 +429,7 @@ def test_lora_training_both_shapes_then_merge(vl_dirs, processors, arch, tmp_pat
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, TrainingArguments
 
-    from nekotune.train import make_trainer_class
+    from nekotune.training.trainer import make_trainer_class
 
     proc = processors[arch]
     for i in range(4):
@@ -495,7 +494,7 @@ def test_generate_with_an_image(vl_dirs, processors, arch):
     renderer = VisionRenderer(proc, max_seq_len=4096)
     pm = _model(vl_dirs[arch], lora_targets({"model_type": arch})).eval()
     install_vlm_fast_loss(pm)
-    convs = [VisionConversation(turns=[user_turn(q, [noise_image(h, 64, s)])], where="chat")
+    convs = [Conversation(turns=[user_turn(q, [noise_image(h, 64, s)])], where="chat")
              for q, h, s in [("Describe.", 48, 1), ("And this longer question?", 96, 2)]]
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=proc.tokenizer.pad_token_id,
                   eos_token_id=renderer.stop_token_ids)
@@ -543,22 +542,18 @@ def test_vision_plan_counts_tokens_and_the_tower(vl_dirs, processors, arch):
 
 # -- docs and example ---------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parents[1]
-PHASE_B_KEYS = {"data": ("image_max_pixels", "image_min_pixels"), "lora": ("vision",)}
+def test_example_config_and_llamafactory_pixel_names(tmp_path):
+    from nekotune.config import load_config
 
-
-def test_pending_example_config_is_valid_apart_from_the_new_keys():
-    """examples/pending/ holds the example until the config knows data.image_*_pixels and lora.vision
-    (phase B moves it to examples/, where test_config loads every file)."""
-    import yaml
-
-    from nekotune.config import validate
-
-    raw = yaml.safe_load((ROOT / "examples" / "pending" / "qwen3-vl-2b-images.yaml").read_text())
-    for section, keys in PHASE_B_KEYS.items():
-        for key in keys:
-            raw[section].pop(key, None)
-    cfg = validate(raw, "qwen3-vl-2b-images.yaml")
-    assert cfg.model.name_or_path == "Qwen/Qwen3-VL-2B-Instruct" and cfg.data.packing
+    cfg = load_config(ROOT / "examples" / "qwen3-vl-2b-images.yaml")
+    assert cfg.model.name_or_path == "Qwen/Qwen3-VL-2B-Instruct" and cfg.data.image_max_pixels == 768 * 768
+    assert cfg.lora.vision is False and cfg.data.packing
+    yml = tmp_path / "lf.yaml"
+    yml.write_text("image_max_pixels: 262144\nimage_min_pixels: 1024\nlora: {vision: true}\n")
+    cfg = load_config(yml, ["image_max_pixels=200000"])
+    assert (cfg.data.image_min_pixels, cfg.data.image_max_pixels, cfg.lora.vision) == (1024, 200000, True)
+    with pytest.raises(UserError, match="image_min_pixels=9000 is above data.image_max_pixels=4000"):
+        load_config(None, ["data.image_min_pixels=9000", "data.image_max_pixels=4000"])
 
 
 def test_docs_dataset_examples_convert():

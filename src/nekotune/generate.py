@@ -138,20 +138,19 @@ def stream(model: Any, renderer: Renderer, conv: Conversation, settings: GenSett
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    ids = renderer.prompt_ids(conv)
+    # ids, attention mask and, for a vision-language model, the images with their mm_token_type_ids
+    inputs = renderer.prompt_inputs(conv, device=_device(model))
     streamer = TextIteratorStreamer(renderer.tokenizer, skip_prompt=True, skip_special_tokens=True)
     flag = _StopFlag()
     if stop is not None:
         flag.event = stop
     kwargs = _generate_kwargs(settings, renderer)
-    inputs = torch.tensor([ids], device=_device(model))
     errors: list[BaseException] = []
 
     def run():
         try:
             with torch.no_grad(), autocast_for(model):
-                model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([flag]), **kwargs)
+                model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]), **kwargs)
         except BaseException as exc:  # surfaced in the caller's thread below
             errors.append(exc)
             streamer.end()
@@ -178,22 +177,21 @@ def generate_batch(model: Any, renderer: Renderer, convs: list[Conversation], se
     """Left-padded batched generation; returns the decoded answers in input order."""
     import torch
 
-    from nekotune.data.collate import pad_batch
-
     tok = renderer.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    collate = renderer.batch_collator(pad_id)  # images (if any) are decoded batch by batch
     prompts = [renderer.prompt_ids(c) for c in convs]
     # Sorting by length keeps padding small; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
-        batch = pad_batch([{"input_ids": prompts[i], "labels": prompts[i]} for i in chunk], pad_id, side="left")
+        batch = collate([renderer.prompt_features(convs[i]) for i in chunk])
         device = _device(model)
         kwargs = _generate_kwargs(settings, renderer)  # a fresh seeded RNG per batch, as each batch was seeded
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with torch.no_grad(), autocast_for(model):
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device), **kwargs)
+            out = model.generate(**inputs, **kwargs)
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(chunk):
             answers[i] = tok.decode(out[row, width:], skip_special_tokens=True).strip()

@@ -23,7 +23,7 @@ def vlm_fast_forward(self: Any, input_ids: Any = None, attention_mask: Any = Non
                                   position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from nekotune.train import chunked_trained_loss  # phase B: nekotune.train.loss
+    from nekotune.training.loss import chunked_trained_loss
 
     kwargs.pop("use_cache", None)
     kwargs.pop("num_items_in_batch", None)
@@ -36,7 +36,7 @@ def vlm_fast_forward(self: Any, input_ids: Any = None, attention_mask: Any = Non
 def install_vlm_fast_loss(model: Any) -> bool:
     """Route `model(..., labels=...)` of a VLM through the multimodal chunked loss. Marks the model
     as the text `install_fast_loss` does, so that one then leaves it alone."""
-    from nekotune.train import causal_lm, supports_fast_loss
+    from nekotune.training.loss import causal_lm, supports_fast_loss
 
     if not supports_fast_loss(model):
         return False
@@ -57,6 +57,6 @@ def install_vlm_fast_loss(model: Any) -> bool:
 
 def rope_index_of(model: Any) -> Any:
     """The model's M-RoPE position function, for packing image rows (collate.VisionCollator)."""
-    from nekotune.train import causal_lm
+    from nekotune.training.loss import causal_lm
 
     return causal_lm(model).model.get_rope_index

@@ -191,3 +191,22 @@ def load_image(ref: ImageRef, where: str, policy: ImagePolicy = DATA_POLICY):
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
+
+
+# -- image tokens without pixels -------------------------------------------------------------
+def image_grid(image_processor: Any, height: int, width: int) -> tuple[int, int, int]:
+    """(t, h, w) patches of one image, as the processor's resize will make it (its smart_resize
+    with its own size and patch settings); ValueError for an aspect ratio over 200."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    size = image_processor.size
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
+                        max_pixels=size["longest_edge"])
+    return 1, h // patch, w // patch
+
+
+def image_tokens(image_processor: Any, height: int, width: int) -> int:
+    """How many image-pad tokens one image becomes in the text."""
+    t, h, w = image_grid(image_processor, height, width)
+    return t * h * w // image_processor.merge_size ** 2

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nekotune.data.collate import flatten_batch, pad_batch
-from nekotune.vision.render import VisionEncoded, VisionRenderer
+from nekotune.data.vision_render import VisionEncoded, VisionRenderer
 
 RopeIndex = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 

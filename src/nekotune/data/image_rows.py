@@ -7,7 +7,7 @@ Two shapes users bring, mixed freely within a row:
   (or `url`/`path`), `{"type": "image_url", "image_url": {"url": ...}}`. A part without a payload
   (TRL's `{"type": "image"}`) takes the next entry of `images`, as TRL does.
 
-The extension of the Conversation (phase B folds it into data/formats.py): a Turn gets
+The Conversation carries them as data/formats.py defines it: a Turn has
 `images: list[ImageRef]` and keeps `content: str`, in which `<image>` marks each image's place.
 Everything that reads `content` as text (the loss mask, limits, the reference answer, display)
 keeps working; only `messages()` changes, emitting the content-part list chat templates expect
@@ -17,63 +17,23 @@ the row is converted to text with placeholders first and handed to them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nekotune.data.formats import Conversation, Turn, from_messages, from_sharegpt
+from nekotune.data.formats import IMAGE, Conversation, Turn, from_messages, from_sharegpt
+from nekotune.data.images import ImageRef
 from nekotune.data.sources import Row
 from nekotune.errors import UserError
-from nekotune.vision.images import ImageRef
-
-IMAGE = "<image>"  # LLaMA-Factory's placeholder, and the mark of an image's place in Turn.content
 
 
-@dataclass
-class VisionTurn(Turn):
-    images: list[ImageRef] = field(default_factory=list)
-
-    def parts(self) -> str | list[dict]:
-        """The content as chat templates take it: text, or parts in order for a turn with images."""
-        if not self.images:
-            return self.content
-        parts: list[dict] = []
-        for i, chunk in enumerate(self.content.split(IMAGE)):
-            if i:
-                parts.append({"type": "image"})
-            if chunk:
-                parts.append({"type": "text", "text": chunk})
-        return parts
-
-
-@dataclass
-class VisionConversation(Conversation):
-    def messages(self, default_system: str | None = None) -> list[dict]:
-        msgs = super().messages(default_system)
-        offset = len(msgs) - len(self.turns)
-        for i, turn in enumerate(self.turns):
-            if isinstance(turn, VisionTurn) and turn.images:
-                msgs[offset + i]["content"] = turn.parts()
-        return msgs
-
-    @property
-    def images(self) -> list[ImageRef]:
-        """Every image of the conversation, in the order the template renders them."""
-        return [ref for t in self.turns for ref in getattr(t, "images", [])]
-
-    def prompt_part(self) -> "VisionConversation":
-        base = super().prompt_part()
-        return VisionConversation(turns=base.turns, system=base.system, where=base.where)
-
-
-def user_turn(text: str, images: list[Any] | None = None, base_dirs: tuple[Path, ...] = ()) -> VisionTurn:
+def user_turn(text: str, images: list[Any] | None = None, base_dirs: tuple[Path, ...] = ()) -> Turn:
     """A user turn for chat, `ask --image`, the UI and the API: images first, then the text
     (the layout of Qwen's own examples)."""
     refs = [i if isinstance(i, ImageRef) else ImageRef(i, base_dirs) for i in images or []]
-    return VisionTurn("user", IMAGE * len(refs) + text, refs)
+    return Turn("user", IMAGE * len(refs) + text, refs)
 
 
-def turn_from_content(role: str, content: Any, where: str) -> VisionTurn:
+def turn_from_content(role: str, content: Any, where: str) -> Turn:
     """One OpenAI chat message (the server's `messages[i]`): text or content parts, images by
     `image_url` (data URLs; remote URLs only where the renderer's ImagePolicy allows them)."""
     text, payloads = content_text(content, where)
@@ -82,7 +42,7 @@ def turn_from_content(role: str, content: Any, where: str) -> VisionTurn:
     if any(p is None or not isinstance(p, str) for p in payloads):
         raise UserError(f"{where}: an image part without an image; send {{\"type\": \"image_url\", "
                         f"\"image_url\": {{\"url\": \"data:image/png;base64,...\"}}}}")
-    return VisionTurn(role, text, [ImageRef(p) for p in payloads])
+    return Turn(role, text, [ImageRef(p) for p in payloads])
 
 
 def _part_payload(part: Any, where: str) -> tuple[str, Any]:
@@ -157,8 +117,8 @@ def _is_image_part(part: Any) -> bool:
     return isinstance(part, dict) and (part.get("type") in ("image", "image_url") or "image" in part)
 
 
-def to_vision_conversation(row: Row, base_dirs: tuple[Path, ...] = ()) -> VisionConversation:
-    """A `messages` or ShareGPT `conversations` row with images -> VisionConversation."""
+def to_vision_conversation(row: Row, base_dirs: tuple[Path, ...] = ()) -> Conversation:
+    """A `messages` or ShareGPT `conversations` row with images -> Conversation."""
     key, role_key, content_key = ("conversations", "from", "value") if "conversations" in row.data and \
         "messages" not in row.data else ("messages", "role", "content")
     items = row.data.get(key)
@@ -178,8 +138,8 @@ def to_vision_conversation(row: Row, base_dirs: tuple[Path, ...] = ()) -> Vision
     _fill_from_column(slots, _images_column(row.data, row.where), row.where)
     conv = (from_sharegpt if key == "conversations" else from_messages)(Row({**row.data, key: text_items}, row.where))
     refs = iter(ImageRef(payload, base_dirs) for _, payload in slots)
-    turns = [VisionTurn(t.role, t.content, [next(refs) for _ in range(t.content.count(IMAGE))]) for t in conv.turns]
-    return VisionConversation(turns=list(turns), system=conv.system, where=conv.where)
+    turns = [Turn(t.role, t.content, [next(refs) for _ in range(t.content.count(IMAGE))]) for t in conv.turns]
+    return Conversation(turns=list(turns), system=conv.system, where=conv.where)
 
 
 def _fill_from_column(slots: list[tuple[int, Any]], images: list[Any], where: str) -> None:

@@ -51,6 +51,11 @@ def _json(path: str, name: str, revision: str | None = None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def read_model_json(path: str, name: str, revision: str | None = None) -> dict:
+    """A JSON file of a model directory or hub snapshot ({} where it has none)."""
+    return _json(path, name, revision)
+
+
 def has_processor_files(path: str | Path) -> bool:
     return (Path(path) / "preprocessor_config.json").is_file()
 
@@ -145,25 +150,6 @@ def _build_image_only(path: str, pixels: dict[str, int], revision: str | None) -
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot load the processor of {path} ({first[:200]})") from None
     return _image_only(cls)(image_processor=ip, tokenizer=tok, chat_template=chat_template_of(path, tok, revision))
-
-
-# -- image tokens without pixels -------------------------------------------------------------
-def image_grid(image_processor: Any, height: int, width: int) -> tuple[int, int, int]:
-    """(t, h, w) patches of one image, as the processor's resize will make it (its smart_resize
-    with its own size and patch settings); ValueError for an aspect ratio over 200."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    patch, merge = image_processor.patch_size, image_processor.merge_size
-    size = image_processor.size
-    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=size["shortest_edge"],
-                        max_pixels=size["longest_edge"])
-    return 1, h // patch, w // patch
-
-
-def image_tokens(image_processor: Any, height: int, width: int) -> int:
-    """How many image-pad tokens one image becomes in the text."""
-    t, h, w = image_grid(image_processor, height, width)
-    return t * h * w // image_processor.merge_size ** 2
 
 
 def copy_processor_files(source: str, dest: str | Path, revision: str | None = None) -> list[str]:

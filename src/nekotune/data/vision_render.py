@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nekotune.data.formats import Conversation
+from nekotune.data.images import DATA_POLICY, ImagePolicy, ImageRef, image_grid, image_size, load_image
 from nekotune.data.render import Encoded, Renderer
 from nekotune.errors import UserError
-from nekotune.vision.formats import VisionConversation
-from nekotune.vision.images import DATA_POLICY, ImagePolicy, ImageRef, image_size, load_image
-from nekotune.vision.processor import image_grid
 
 
 @dataclass
@@ -34,9 +32,12 @@ class VisionEncoded(Encoded):
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) as loaded
     image_token_counts: list[int] = field(default_factory=list)
     where: str = ""
+    image_end: int = 0  # tokens up to the end of the last image: a cut before it would split an image
 
 
 class VisionRenderer(Renderer):
+    takes_images = True
+
     def __init__(self, processor: Any, policy: ImagePolicy = DATA_POLICY, **renderer_kwargs: Any):
         self.processor = processor
         self.image_processor = processor.image_processor
@@ -112,14 +113,16 @@ class VisionRenderer(Renderer):
 
     # -- training -------------------------------------------------------------------------
     def encode(self, conv: Conversation) -> VisionEncoded | None:
-        images = conv.images if isinstance(conv, VisionConversation) else []
+        images = conv.images
         bound = self._bound(images, conv.where)
         enc = Renderer.encode(bound, conv)
         bound._check_consumed()
         if enc is None:
             return None
-        return VisionEncoded(enc.input_ids, enc.labels, enc.truncated, images=list(images), grids=bound._grids,
-                             sizes=bound._sizes, image_token_counts=bound._counts, where=conv.where)
+        ids = enc.input_ids
+        end = len(ids) - ids[::-1].index(self.image_token_id) if images else 0
+        return VisionEncoded(ids, enc.labels, enc.truncated, images=list(images), grids=bound._grids,
+                             sizes=bound._sizes, image_token_counts=bound._counts, where=conv.where, image_end=end)
 
     def pixel_inputs(self, images: list[ImageRef], grids: list[tuple[int, int, int]], where: str) -> dict:
         """pixel_values and image_grid_thw of a row's images (decoded now), checked against the
@@ -137,7 +140,7 @@ class VisionRenderer(Renderer):
 
     # -- generation -----------------------------------------------------------------------
     def prompt_ids(self, conv: Conversation) -> list[int]:
-        images = conv.images if isinstance(conv, VisionConversation) else []
+        images = conv.images
         bound = self._bound(images, conv.where)
         ids = Renderer.prompt_ids(bound, conv)
         bound._check_consumed()
@@ -149,7 +152,7 @@ class VisionRenderer(Renderer):
         pixels."""
         import torch
 
-        images = conv.images if isinstance(conv, VisionConversation) else []
+        images = conv.images
         bound = self._bound(images, conv.where)
         ids = torch.tensor([Renderer.prompt_ids(bound, conv)])
         bound._check_consumed()
@@ -157,6 +160,18 @@ class VisionRenderer(Renderer):
                   "mm_token_type_ids": (ids == self.image_token_id).long(),
                   **self.pixel_inputs(list(images), bound._grids, conv.where)}
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
+
+
+    def prompt_features(self, conv: Conversation) -> dict:
+        bound = self._bound(conv.images, conv.where)
+        ids = Renderer.prompt_ids(bound, conv)
+        bound._check_consumed()
+        return {"input_ids": ids, "labels": ids, **self.pixel_inputs(conv.images, bound._grids, conv.where)}
+
+    def batch_collator(self, pad_id: int) -> Any:
+        from nekotune.data.vision_collate import VisionCollator
+
+        return VisionCollator(pad_id, self.image_token_id, side="left")
 
 
 def image_stats(encoded: list[VisionEncoded]) -> dict:

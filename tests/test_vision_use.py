@@ -1,0 +1,175 @@
+"""Issue 17 end to end through the real CLI, config and recipe on tiny random Qwen3-VL and Qwen2-VL:
+data check, LoRA training on both data shapes with the exact label masks of the batches the
+Trainer saw, ask --image, chat /image, a missing image, estimate, the server's image_url and the
+UI's image chat."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+from vision_fixtures import build_tiny_vlm, noise_image, save_image
+
+from conftest import tiny_overrides
+from nekotune.cli import main
+from nekotune.config import load_config
+from nekotune.data.render import IGNORE
+
+ARCHS = ["qwen3_vl", "qwen2_vl"]
+ANSWERS = ["A red square.", "Two images.", "Blue noise, mostly.", "A cat in the dark."]
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(smol_dir, tmp_path_factory):
+    return {a: build_tiny_vlm(a, smol_dir, tmp_path_factory.mktemp(a)) for a in ARCHS}
+
+
+def image_data(root: Path) -> Path:
+    """One folder, both shapes: LLaMA-Factory rows (<image> + images) and OpenAI/TRL content parts;
+    image paths relative to each file."""
+    for i, (h, w) in enumerate([(64, 48), (90, 120), (48, 64), (100, 70)]):
+        save_image(noise_image(h, w, seed=i), root / "img" / f"{i}.png")
+    lf = [{"messages": [{"role": "user", "content": "<image>What is it?"}, {"role": "assistant", "content": ANSWERS[0]}],
+           "images": ["img/0.png"]},
+          {"messages": [{"role": "user", "content": "<image>And <image>?"}, {"role": "assistant", "content": ANSWERS[1]}],
+           "images": ["img/1.png", "img/2.png"]}]
+    parts = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "img/2.png"},
+                                                         {"type": "text", "text": "Describe."}]},
+                           {"role": "assistant", "content": ANSWERS[2]}]},
+             {"messages": [{"role": "user", "content": [{"type": "text", "text": "Who? "},
+                                                         {"type": "image", "image": "img/3.png"}]},
+                           {"role": "assistant", "content": ANSWERS[3]}]}]
+    (root / "a_llamafactory.json").write_text(json.dumps(lf))
+    (root / "b_parts.json").write_text(json.dumps(parts))
+    return root
+
+
+class Batches(TrainerCallback):
+    """Every batch of the run's own DataLoader (the recipe's dataset and collator), read at the start."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.batches = list(train_dataloader)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def vlm_run(request, vlm_dirs, tmp_path_factory):
+    from nekotune.training import train
+
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"data-{arch}")
+    data = image_data(root / "data")
+    cfg = load_config(None, tiny_overrides(vlm_dirs[arch], data, root / "run", **{
+        "data.max_seq_len": 256, "train.max_steps": 2, "train.batch_size": 2, "train.save_steps": 2,
+        "data.shuffle": "false"}), default_to_demo=False)
+    seen = Batches()
+    run = train(cfg, show_progress=False, callbacks=[seen])
+    return arch, run, data, seen.batches, vlm_dirs[arch]
+
+
+def test_training_label_masks_are_exact_and_no_image_token_trained(vlm_run):
+    from transformers import AutoTokenizer
+
+    arch, run, _, batches, base = vlm_run
+    tok = AutoTokenizer.from_pretrained(base)
+    image_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    vision = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    trained_runs, images = [], 0
+    for batch in batches:
+        ids, labels = batch["input_ids"], batch["labels"]
+        assert batch["mm_token_type_ids"].tolist() == (ids == image_id).long().tolist()  # always sent
+        assert "pixel_values" in batch and batch["image_grid_thw"].shape[1] == 3
+        assert batch["position_ids"].shape[0] == 4  # packed: per-example M-RoPE rows, not 2-D positions
+        images += batch["image_grid_thw"].shape[0]
+        for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+            assert not any(lab in vision for lab in row_labels)
+            assert all(lab == IGNORE for i, lab in zip(row_ids, row_labels) if i in vision)
+            run_ids: list[int] = []
+            for i, lab in zip(row_ids, row_labels):
+                if lab != IGNORE:
+                    assert lab == i
+                    run_ids.append(i)
+                elif run_ids:
+                    trained_runs.append(tok.decode(run_ids))
+                    run_ids = []
+            if run_ids:
+                trained_runs.append(tok.decode(run_ids))
+    assert images == 5
+    assert sorted(trained_runs) == sorted(a + "<|im_end|>" for a in ANSWERS)
+    stats = json.loads((run / "run.json").read_text())
+    assert "images" in json.dumps(stats)
+
+
+def test_run_adapter_is_language_model_only_and_loads_as_vlm(vlm_run):
+    arch, run, _, _, _ = vlm_run
+    adapter = run / "adapter"
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert "language_model" in str(conf["target_modules"]) and "visual" not in str(conf["target_modules"])
+    assert (adapter / "preprocessor_config.json").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("visual" in k for k in keys)
+
+
+def test_data_check_reports_images(vlm_run, capsys):
+    arch, _, data, _, base = vlm_run
+    rc = main(["data", "check", str(data), "--model", str(base), "data.max_seq_len=256"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(ln for ln in out.splitlines() if ln.startswith("images:"))
+    assert "5 in 4 rows (at most 2 per row)" in line and "image tokens:" in line
+
+
+def test_ask_with_an_image(vlm_run, capsys, tmp_path):
+    arch, run, data, _, _ = vlm_run
+    rc = main(["ask", "What is it?", "--model", str(run), "--image", str(data / "img" / "0.png"), "--json",
+               "generate.max_new_tokens=4", "generate.temperature=0"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert json.loads(out.out)["question"] == "What is it?"
+    rc = main(["ask", "What is it?", "--model", str(run), "--image", str(tmp_path / "nope.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "nope.png" in err[0] and "not found" in err[0]
+
+
+def test_missing_image_in_data_is_one_line_naming_it(vlm_dirs, tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>hi"},
+                                              {"role": "assistant", "content": "ok"}], "images": ["gone.jpg"]}]))
+    rc = main(["train", *tiny_overrides(vlm_dirs["qwen3_vl"], data, tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "d.json row 1" in err[0] and "gone.jpg" in err[0] and "Traceback" not in err[0]
+
+
+def test_text_model_refuses_image_rows_and_images(tiny_llama, tmp_path, capsys):
+    save_image(noise_image(32, 32), tmp_path / "x.png")
+    rc = main(["ask", "hi", "--model", str(tiny_llama), "--image", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "vision-language" in err[0]
+
+
+def test_chat_image_command(vlm_run):
+    from nekotune.commands.chat import run_chat
+
+    arch, run, data, _, _ = vlm_run
+    img = data / "img" / "1.png"
+    stdin = io.StringIO(f"/image {img}\nWhat is it?\n/image missing.png\n/exit\n")
+    out = io.StringIO()
+    cfg = load_config(None, ["generate.max_new_tokens=3", "generate.temperature=0"], default_to_demo=False)
+    assert run_chat(cfg, str(run), stdin=stdin, stdout=out) == 0
+    text = out.getvalue()
+    assert f"(image {img} attached" in text and "neko> " in text
+    assert "(not attached:" in text and "missing.png" in text
+
+
+def _data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
