@@ -173,3 +173,27 @@ def test_chat_image_command(vlm_run):
 
 def _data_url(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_estimate_counts_image_tokens_and_the_vision_tower(vlm_dirs, tmp_path, capsys):
+    from nekotune.data.images import image_tokens
+    from nekotune.model.processor import load_processor
+
+    base = vlm_dirs["qwen3_vl"]
+    yml = tmp_path / "vl.yaml"
+    yml.write_text(f"model: {{name_or_path: {base}}}\ndata: {{max_seq_len: 512}}\ntrain: {{batch_size: 2}}\n"
+                   "image_max_pixels: 65536\n")  # LLaMA-Factory's name, 256 tokens at patch 16 x merge 2
+    assert main(["estimate", str(yml), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    vision = result["vision"]
+    ip = load_processor(str(base), max_pixels=65536).image_processor
+    assert vision["max_pixels"] == 65536 and vision["max_tokens_per_image"] == 64 == image_tokens(ip, 256, 256)
+    assert vision["vision_params"] > 0 and vision["images_per_micro_batch"] == 2
+    items = result["estimate"]["items_mb"]
+    assert items["vision tower weights"] > 0 and items["vision tower activations"] > 0
+    assert main(["estimate", str(yml), "lora.vision=true", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)["estimate"]["items_mb"]
+    assert trained["vision tower activations"] > items["vision tower activations"]
+    assert "vision LoRA weights + grads + AdamW (fp32)" in trained
+    assert main(["estimate", str(yml)]) == 0
+    assert "images (qwen3_vl): at most 64 tokens per image" in capsys.readouterr().out
