@@ -197,3 +197,62 @@ def test_estimate_counts_image_tokens_and_the_vision_tower(vlm_dirs, tmp_path, c
     assert "vision LoRA weights + grads + AdamW (fp32)" in trained
     assert main(["estimate", str(yml)]) == 0
     assert "images (qwen3_vl): at most 64 tokens per image" in capsys.readouterr().out
+
+
+def _client(pool):
+    from fastapi.testclient import TestClient
+
+    from nekotune.serve.api import create_app
+
+    return TestClient(create_app(pool, max_tokens_cap=4), base_url="http://127.0.0.1:8000",
+                      raise_server_exceptions=False)
+
+
+def _image_message(url: str, text: str = "What is it?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_server_image_url_request(vlm_run, tmp_path, tiny_llama):
+    from nekotune.serve.pool import load_pool
+
+    arch, run, data, _, _ = vlm_run
+    cfg = load_config(None, [], default_to_demo=False)
+    pool = load_pool(cfg, str(run), [])
+    img = data / "img" / "1.png"
+    with _client(pool) as api:
+        name = pool.names[-1]
+        body = {"model": name, "messages": _image_message(_data_url(img)), "max_tokens": 3, "temperature": 0}
+        r = api.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        with_image = r.json()["usage"]["prompt_tokens"]
+        text_only = api.post("/v1/chat/completions", json={**body, "messages": [
+            {"role": "user", "content": "What is it?"}]}).json()["usage"]["prompt_tokens"]
+        from PIL import Image
+
+        from nekotune.data.images import image_tokens
+
+        width, height = Image.open(img).size
+        expected = image_tokens(pool.get(name).renderer.image_processor, height, width)
+        assert with_image - text_only == expected + 2  # the image's pads + vision start/end
+        again = api.post("/v1/chat/completions", json=body).json()
+        assert again["choices"][0]["message"]["content"] == r.json()["choices"][0]["message"]["content"]
+        bad = {
+            "data:image/png;base64,@@@@": "base64",
+            str(img): "local file",
+            "https://example.com/cat.png": "remote image URLs are off",
+            "data:text/plain;base64," + base64.b64encode(b"hello").decode(): "not an image",
+        }
+        for url, needle in bad.items():
+            r = api.post("/v1/chat/completions", json={**body, "messages": _image_message(url)})
+            assert r.status_code == 400 and needle in r.json()["error"]["message"], (url, r.text)
+        many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}}] * 9}]
+        assert api.post("/v1/chat/completions", json={**body, "messages": many}).status_code == 400
+        sys_image = [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": _data_url(img)}}]},
+                     {"role": "user", "content": "hi"}]
+        assert api.post("/v1/chat/completions", json={**body, "messages": sys_image}).status_code == 400
+    text_pool = load_pool(cfg, str(tiny_llama), [])
+    with _client(text_pool) as api:
+        r = api.post("/v1/chat/completions", json={"model": text_pool.names[0], "max_tokens": 2,
+                                                   "messages": _image_message(_data_url(img))})
+        assert r.status_code == 400 and "text model" in r.json()["error"]["message"]

@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=_byte_size, default="8MB",
                    help="largest request body, e.g. 8MB or 500KB; larger ones get 413 (default 8MB)")
     p.add_argument("--cors", default=None, help="comma-separated allowed origins (off by default)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let image_url parts name http(s) URLs the server downloads (default: data URLs only)")
     _rest(p)
     p.set_defaults(func=cmd_serve)
 

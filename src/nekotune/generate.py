@@ -133,13 +133,17 @@ class _StopFlag:
 
 
 def stream(model: Any, renderer: Renderer, conv: Conversation, settings: GenSettings,
-           stop: threading.Event | None = None) -> Generator[str, None, None]:
-    """Yield the answer piece by piece; setting `stop` ends generation early."""
+           stop: threading.Event | None = None, inputs: dict | None = None) -> Generator[str, None, None]:
+    """Yield the answer piece by piece; setting `stop` ends generation early. `inputs`: the
+    conversation's renderer.prompt_inputs, where the caller built them already (the server)."""
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     # ids, attention mask and, for a vision-language model, the images with their mm_token_type_ids
-    inputs = renderer.prompt_inputs(conv, device=_device(model))
+    device = _device(model)
+    if inputs is None:
+        inputs = renderer.prompt_inputs(conv, device=device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(renderer.tokenizer, skip_prompt=True, skip_special_tokens=True)
     flag = _StopFlag()
     if stop is not None:
