@@ -256,3 +256,47 @@ def test_server_image_url_request(vlm_run, tmp_path, tiny_llama):
         r = api.post("/v1/chat/completions", json={"model": text_pool.names[0], "max_tokens": 2,
                                                    "messages": _image_message(_data_url(img))})
         assert r.status_code == 400 and "text model" in r.json()["error"]["message"]
+
+
+def test_ui_image_chat(vlm_run, monkeypatch):
+    """The Chat tab's handler with an uploaded image: the model gets its pixels, the chat shows it,
+    and the next message keeps it in the history; a path outside Gradio's uploads is never read."""
+    import shutil
+    from types import SimpleNamespace
+
+    from gradio.utils import get_upload_folder
+
+    import nekotune.generate as gen
+    from nekotune.ui.tabs import chat_reply
+    from nekotune.ui.workspace import Workspace
+
+    arch, run, data, _, _ = vlm_run
+    upload = Path(get_upload_folder()) / f"nekotune-test-{arch}"
+    upload.mkdir(parents=True, exist_ok=True)
+    img = Path(shutil.copy(data / "img" / "0.png", upload / "0.png"))
+    seen = []
+    real_stream = gen.stream
+
+    def recording(model, renderer, conv, settings, stop=None, inputs=None):
+        seen.append((len(conv.images), inputs is not None and "pixel_values" in inputs))
+        yield from real_stream(model, renderer, conv, settings, stop=stop, inputs=inputs)
+
+    monkeypatch.setattr(gen, "stream", recording)
+    ws = Workspace(load_config(None, ["generate.temperature=0"], default_to_demo=False), str(run))
+    request = SimpleNamespace(session_hash=f"s-{arch}")
+    try:
+        updates = list(chat_reply(ws, "What is it?", [], str(run), "", 0, 3, 1, 0, 1.0, request, image=str(img)))
+        shown = updates[-1][0]
+        assert shown[0]["role"] == "user" and shown[0]["content"][0] == {"path": str(img.resolve())}
+        assert seen == [(1, True)]
+        # Gradio hands the history back in its own part format: the image stays with its turn.
+        history = [{"role": "user", "content": [{"type": "file", "file": {"path": str(img)}},
+                                                {"type": "text", "text": "What is it?"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": shown[1]["content"]}]}]
+        list(chat_reply(ws, "And now?", history, str(run), "", 0, 3, 1, 0, 1.0, request))
+        assert seen[-1] == (1, True)
+        outside = data / "img" / "1.png"  # not an upload: ignored, never read
+        list(chat_reply(ws, "And this?", [], str(run), "", 0, 3, 1, 0, 1.0, request, image=str(outside)))
+        assert seen[-1] == (0, False)
+    finally:
+        shutil.rmtree(upload, ignore_errors=True)
