@@ -300,3 +300,23 @@ def test_ui_image_chat(vlm_run, monkeypatch):
         assert seen[-1] == (0, False)
     finally:
         shutil.rmtree(upload, ignore_errors=True)
+
+
+def test_merge_then_ask_and_gguf_refusal(vlm_run, tmp_path, capsys):
+    from safetensors import safe_open
+
+    arch, run, data, _, base = vlm_run
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(run), "--out", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert (out / "preprocessor_config.json").is_file()
+    names = lambda d: {k for f in d.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()}  # noqa: E731
+    assert names(out) == names(base)  # the base's own tensor names, vision tower included
+    assert main(["ask", "What is it?", "--model", str(out), "--image", str(data / "img" / "0.png"),
+                 "generate.max_new_tokens=2"]) == 0
+    capsys.readouterr()
+    for argv in (["export", "gguf", "--model", str(run), "--out", str(tmp_path / "m.gguf")],
+                 ["merge", "--model", str(run), "--out", str(tmp_path / "m2"), "--low-memory"]):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "vision-language" in err[0], err
