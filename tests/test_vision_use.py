@@ -320,3 +320,26 @@ def test_merge_then_ask_and_gguf_refusal(vlm_run, tmp_path, capsys):
         rc = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "vision-language" in err[0], err
+
+
+def test_predict_and_eval_on_image_rows(vlm_run, tmp_path, capsys):
+    from nekotune.api import evaluate, load
+    from nekotune.evaluation import masked_loss
+    from nekotune.data import load_conversations
+
+    arch, run, data, _, _ = vlm_run
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", str(data), "--model", str(run), "--out", str(out), "generate.max_new_tokens=2"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    done = evaluate(str(run), str(data), load_config(None, ["generate.max_new_tokens=2"], default_to_demo=False),
+                    out=str(tmp_path / "eval"))
+    assert done.json_path.is_file()
+    # The loss sees the images: another image in the same rows gives another loss.
+    cfg = load_config(None, [], default_to_demo=False)
+    model = load(str(run), cfg).loaded
+    convs, _ = load_conversations(str(data), cfg.data)
+    first = masked_loss(model.model, model.renderer, convs)["eval_loss"]
+    for conv in convs:
+        for turn in conv.turns:
+            turn.images = [type(ref)(str(data / "img" / "3.png")) for ref in turn.images]
+    assert masked_loss(model.model, model.renderer, convs)["eval_loss"] != pytest.approx(first, abs=1e-6)
