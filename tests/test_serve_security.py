@@ -410,7 +410,7 @@ def test_api_key_comes_from_the_environment(pool, tmp_path, monkeypatch):
 
     captured = {}
     monkeypatch.setenv("NEKOTUNE_API_KEY", "sk-from-env")
-    monkeypatch.setattr(api_module, "load_pool", lambda cfg, model, adapters: pool)
+    monkeypatch.setattr(api_module, "load_pool", lambda cfg, model, adapters, **kw: pool)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
     assert main(["serve", str(tmp_path), "--port", "0", "--allow-host", "mybox.lan", "--max-body", "1KB",
                  "--max-queue", "3"]) == 0

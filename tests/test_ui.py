@@ -327,3 +327,50 @@ def test_stop_button_stops_training(browser, ui, qa_file, training_gate):
     status = wait_until(lambda: (lambda s: s if "stopped" in s or "finished" in s else None)(
         text_of(browser, "#train-status")), 120, "training to stop")
     assert "stopped" in status and "checkpoint" in status and "/5000" in status
+
+
+# -- issue 17: an image in the chat (vision-language models) ---------------------------------
+@pytest.fixture(scope="module")
+def vlm_ui(smol_dir, tmp_path_factory):
+    from vision_fixtures import build_tiny_vlm, noise_image, save_image
+
+    from nekotune.config import load_config
+    from nekotune.ui.app import build_app, launch
+
+    model = build_tiny_vlm("qwen3_vl", smol_dir, tmp_path_factory.mktemp("ui-vlm"))
+    image = save_image(noise_image(64, 96), tmp_path_factory.mktemp("ui-img") / "photo.png")
+    cfg = load_config(None, [f"output.root={tmp_path_factory.mktemp('ui-vlm-outputs')}", "generate.max_new_tokens=8",
+                             "generate.temperature=0"], default_to_demo=False)
+    app = build_app(cfg, model_arg=str(model))
+    port = free_port()
+    launch(app, "127.0.0.1", port, block=False)
+    yield {"url": f"http://127.0.0.1:{port}/", "image": image}
+    app.close()
+
+
+def test_chat_with_an_uploaded_image(browser, vlm_ui, tmp_path, chat_updates, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    import nekotune.generate as gen
+
+    got = []
+    real_stream = gen.stream
+
+    def recording(model, renderer, conv, settings, stop=None, inputs=None):
+        got.append(inputs["image_grid_thw"].tolist() if inputs and "image_grid_thw" in inputs else None)
+        yield from real_stream(model, renderer, conv, settings, stop=stop, inputs=inputs)
+
+    monkeypatch.setattr(gen, "stream", recording)
+    open_tab(browser, vlm_ui["url"], "Chat")
+    upload = wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-image input[type=file]"), 30, "upload")
+    upload[0].send_keys(str(vlm_ui["image"]))
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#chat-image img"), 30, "the uploaded image's preview")
+    type_into(browser, "#chat-input textarea", "What is in the picture?", enter=True)
+    wait_until(chat_updates["done"].is_set, 120, "the answer to be generated")
+    assert got and got[0] is not None and len(got[0]) == 1  # the model got the image's pixels
+    shown = chat_updates["updates"][-1][0]
+    assert isinstance(shown[0]["content"], list) and "path" in shown[0]["content"][0]
+    wait_until(lambda: _idle(browser) and browser.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=user] img"),
+               60, "the image in the chat")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#chat-image img")  # cleared after sending
+    screenshot(browser, tmp_path / "ui-image-chat.png")

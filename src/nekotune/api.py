@@ -77,13 +77,14 @@ def check_data(file: str | os.PathLike, cfg: Config | None = None, model: str | 
                ) -> CheckReport:
     """`nekotune data check`: every row converted, rendered and measured with the model's tokenizer."""
     from nekotune.data.check import check_file
-    from nekotune.model import HubChoice, load_tokenizer, resolve
+    from nekotune.model import HubChoice, resolve
+    from nekotune.model.load import load_renderer
 
     cfg = _cfg(cfg)
 
     def tokenizer() -> tuple[Any, str]:
         source = resolve(_arg(model) or cfg.model.name_or_path, hub=HubChoice.of(cfg.model))
-        return load_tokenizer(source, cfg.model), source.base
+        return load_renderer(source, cfg)[1], source.base  # a VLM's renderer counts its image tokens
 
     return check_file(os.fspath(file), cfg.data, tokenizer)
 

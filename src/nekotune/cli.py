@@ -65,14 +65,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import run_chat
 
     cfg = _config(args, default_to_demo=False)
-    return run_chat(cfg, args.model, system=args.system)
+    return run_chat(cfg, args.model, system=args.system, images=args.image)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
     from nekotune.commands.chat import ask
 
     cfg = _config(args, default_to_demo=False)
-    return ask(cfg, args.model, args.question, as_json=args.json, system=args.system)
+    return ask(cfg, args.model, args.question, as_json=args.json, system=args.system, images=args.image)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive streaming chat")
     _model(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image for the first message (repeatable; vision-language models)")
     _rest(p)
     p.set_defaults(func=cmd_chat)
 
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p)
     p.add_argument("--system", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image to ask about (repeatable; vision-language models)")
     _rest(p)
     p.set_defaults(func=cmd_ask)
 
@@ -286,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=_byte_size, default="8MB",
                    help="largest request body, e.g. 8MB or 500KB; larger ones get 413 (default 8MB)")
     p.add_argument("--cors", default=None, help="comma-separated allowed origins (off by default)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let image_url parts name http(s) URLs the server downloads (default: data URLs only)")
     _rest(p)
     p.set_defaults(func=cmd_serve)
 

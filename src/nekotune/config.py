@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nekotune.errors import UserError
 from nekotune.registry import DATA_FORMAT_CHOICES
@@ -59,6 +59,18 @@ class DataConfig(_Section):
     # issue 16: the hub a dataset id comes from; the training rows repeated N times
     hub: Optional[Literal["huggingface", "modelscope"]] = None
     repeat: int = Field(1, ge=1)
+    # issue 17 (vision-language models): the image processor's pixel bounds, which decide how many
+    # tokens an image becomes and so the memory. None: the model's own bound.
+    image_max_pixels: Optional[int] = Field(589824, gt=0)  # 768*768, LLaMA-Factory's default
+    image_min_pixels: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> "DataConfig":
+        low, high = self.image_min_pixels, self.image_max_pixels
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"data.image_min_pixels={low} is above data.image_max_pixels={high}; lower the "
+                             f"minimum or raise the maximum")
+        return self
 
 
 class LoraConfig(_Section):
@@ -69,6 +81,7 @@ class LoraConfig(_Section):
     modules_to_save: Optional[list[str]] = None
     use_dora: bool = False
     use_rslora: bool = False
+    vision: bool = False  # issue 17: also adapt a VLM's vision tower and merger (default: the language model only)
 
 
 class TrainConfig(_Section):
@@ -224,6 +237,16 @@ def _unknown_key_error(key: str, where: str) -> UserError:
     return UserError(f"unknown config key `{key}` in {where}{hint}")
 
 
+# issue 17: LLaMA-Factory's top-level names for the image pixel bounds, accepted where they are used.
+LLAMAFACTORY_KEYS = {"image_max_pixels": "data.image_max_pixels", "image_min_pixels": "data.image_min_pixels"}
+
+
+def _rename_llamafactory(raw: dict) -> None:
+    for old, new in LLAMAFACTORY_KEYS.items():
+        if old in raw:
+            _set_dotted(raw, new, raw.pop(old))
+
+
 def _check_keys(raw: dict, where: str, model: type[BaseModel] = Config, prefix: str = "") -> None:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: `{prefix.rstrip('.') or 'config'}` must be a mapping of keys to values")
@@ -286,6 +309,7 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, lora:, train:, output:)")
+    _rename_llamafactory(raw)
     _check_keys(raw, str(path))
     _resolve_relative_paths(raw, path.parent)
     return raw
@@ -315,6 +339,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = read_yaml(DEMO_CONFIG)
     for item in overrides or []:
         key, value = parse_override(item)
+        key = LLAMAFACTORY_KEYS.get(key, key)
         if key == "preset":
             raw["preset"] = value
             continue

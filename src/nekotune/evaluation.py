@@ -39,10 +39,18 @@ def masked_loss(model: Any, renderer: Any, convs: list[Conversation], batch_size
     total, count = 0.0, 0
     use_packed_attention(model)  # per-example attention on the packed rows, as in training
     model.eval()
+    features: Any = lambda j: {"input_ids": encoded[j].input_ids, "labels": encoded[j].labels}  # noqa: E731
+    collate: Any = flatten_batch
+    if renderer.takes_images:  # issue 17: pixels, mm_token_type_ids and M-RoPE positions, as in training
+        from nekotune.data.vision_collate import VisionCollator, VisionDataset
+        from nekotune.training.vision_loss import rope_index_of
+
+        features = VisionDataset(encoded, renderer).__getitem__  # pixels decoded batch by batch
+        collate = VisionCollator(renderer.tokenizer.pad_token_id, renderer.image_token_id, packing=True,
+                                 rope_index=rope_index_of(model))
     with torch.no_grad(), autocast_for(model):
         for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i: i + batch_size]
-            batch = flatten_batch([{"input_ids": e.input_ids, "labels": e.labels} for e in chunk])
+            batch = collate([features(j) for j in range(i, min(i + batch_size, len(encoded)))])
             batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
             loss, n = trained_positions_loss(model, batch)
             total += float(loss) * n

@@ -140,25 +140,28 @@ class _StopFlag:
 
 
 def stream(model: Any, renderer: Renderer, conv: Conversation, settings: GenSettings,
-           stop: threading.Event | None = None) -> Generator[str, None, None]:
-    """Yield the answer piece by piece; setting `stop` ends generation early."""
+           stop: threading.Event | None = None, inputs: dict | None = None) -> Generator[str, None, None]:
+    """Yield the answer piece by piece; setting `stop` ends generation early. `inputs`: the
+    conversation's renderer.prompt_inputs, where the caller built them already (the server)."""
     import torch
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    ids = renderer.prompt_ids(conv)
+    # ids, attention mask and, for a vision-language model, the images with their mm_token_type_ids
+    device = _device(model)
+    if inputs is None:
+        inputs = renderer.prompt_inputs(conv, device=device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     streamer = TextIteratorStreamer(renderer.tokenizer, skip_prompt=True, skip_special_tokens=True)
     flag = _StopFlag()
     if stop is not None:
         flag.event = stop
     kwargs = _generate_kwargs(settings, renderer)
-    inputs = torch.tensor([ids], device=_device(model))
     errors: list[BaseException] = []
 
     def run():
         try:
             with torch.no_grad(), autocast_for(model):
-                model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([flag]), **kwargs)
+                model.generate(**inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]), **kwargs)
         except BaseException as exc:  # surfaced in the caller's thread below
             errors.append(exc)
             streamer.end()
@@ -186,10 +189,9 @@ def generate_batch(model: Any, renderer: Renderer, convs: list[Conversation], se
     """Left-padded batched generation; returns the decoded answers in input order."""
     import torch
 
-    from nekotune.data.collate import pad_batch
-
     tok = renderer.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    collate = renderer.batch_collator(pad_id)  # images (if any) are decoded batch by batch
     prompts = [renderer.prompt_ids(c) for c in convs]
     # Sorting by length keeps padding small; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -197,12 +199,12 @@ def generate_batch(model: Any, renderer: Renderer, convs: list[Conversation], se
     trailing = {t for t in [pad_id, *(renderer.stop_token_ids or [])] if t is not None}
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
-        batch = pad_batch([{"input_ids": prompts[i], "labels": prompts[i]} for i in chunk], pad_id, side="left")
+        batch = collate([renderer.prompt_features(convs[i]) for i in chunk])
         device = _device(model)
         kwargs = _generate_kwargs(settings, renderer)  # a fresh seeded RNG per batch, as each batch was seeded
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         with torch.no_grad(), autocast_for(model):
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device), **kwargs)
+            out = model.generate(**inputs, **kwargs)
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(chunk):
             # never ending in a broken UTF-8 character; without the empty think block

@@ -338,10 +338,13 @@ def estimate_training(cfg: Any, model_arg: str | None, fit_to: str | None = None
     if s.quant4 and device != "cuda":
         device = s.device = "cuda"  # QLoRA only runs on CUDA: estimate for a GPU
     est = estimate(arch, s)
+    vision = _add_vision(est, raw, source, cfg, s)
     result = {"model": name, "config": source, "params": arch.params,
               "lora_params": lora_params(arch, s.lora_r, s.targets, s.dora), "estimate": est.to_dict(),
               "plain_hf_loss_logits_mb": round(plain_loss_logits_mb(arch, s), 1),
               "inference_mb": {k: round(v, 1) for k, v in inference_mb(arch).items()}}
+    if vision:
+        result["vision"] = vision
     if fit_to:
         budget = gpu_memory_mb() if fit_to.strip().lower() == "auto" else parse_size(fit_to)
         found = fit(arch, s, budget)
@@ -350,3 +353,47 @@ def estimate_training(cfg: Any, model_arg: str | None, fit_to: str | None = None
                          {"budget_mb": round(budget), "settings": None,
                           "message": "nothing fits: use a smaller model, or more GPUs with FSDP (docs/distributed.md)"})
     return MemoryReport(arch, s, est, result)
+
+
+# -- vision-language models (issue 17) ---------------------------------------------------------
+def _preprocessor(source: str) -> dict | None:
+    """preprocessor_config.json beside the config.json read (its pixel bounds), if there is one."""
+    p = Path(source)
+    candidate = (p.parent if p.suffix == ".json" else p) / "preprocessor_config.json"
+    if candidate.is_file():
+        return read_json(candidate)
+    if source.count("/") == 1 and not p.exists():  # a hub id: the file is small; missing is fine
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return read_json(Path(hf_hub_download(source, "preprocessor_config.json")))
+        except Exception:  # offline or absent: the family's own bounds
+            return None
+    return None
+
+
+def _add_vision(est: Estimate, raw: dict, source: str, cfg: Any, s: Settings) -> dict | None:
+    """The vision tower's weights and activations for one image per row at data.image_max_pixels.
+    Image tokens need no term of their own: they are part of the max_seq_len tokens above."""
+    from nekotune.vision.families import family_of
+
+    if family_of(raw) is None:
+        return None
+    from nekotune.vision.plan import vision_plan
+
+    plan = vision_plan(raw, _preprocessor(source), cfg.data.image_min_pixels, cfg.data.image_max_pixels)
+    assert plan is not None
+    images = s.batch  # one image per row (a row with more images has fewer text tokens)
+    # bitsandbytes' quantization of the vision tower is not verified here: counted in bf16
+    items = {"vision tower weights": plan.vision_params * (s.weight_bytes if not s.quant4 else 2.0) / MB,
+             "vision tower activations": plan.activation_elems(images, trained=cfg.lora.vision) * s.act_bytes / MB}
+    if cfg.lora.vision:  # qkv, proj, fc1, fc2 of each block
+        h, i = plan.vision_hidden, plan.vision_intermediate
+        n = plan.vision_depth * s.lora_r * ((h + 3 * h) + 2 * h + 2 * (h + i))
+        items["vision LoRA weights + grads + AdamW (fp32)"] = n * 16 / MB
+    for key, value in items.items():
+        est.items[key] = value
+    est.items["allocator slack"] += ALLOCATOR_SLACK * sum(items.values())
+    return {"family": plan.family, "vision_params": plan.vision_params, "min_pixels": plan.min_pixels,
+            "max_pixels": plan.max_pixels, "max_tokens_per_image": plan.max_tokens_per_image,
+            "images_per_micro_batch": images, "vision_trained": cfg.lora.vision}

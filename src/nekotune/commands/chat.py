@@ -11,6 +11,7 @@ from typing import Any
 from nekotune.commands.console import command, progress_bar
 from nekotune.config import Config
 from nekotune.data.formats import Conversation, Turn
+from nekotune.data.image_rows import user_turn
 from nekotune.generate import GenSettings, generate, stream
 from nekotune.model import load_for_inference
 
@@ -19,6 +20,7 @@ HELP = """commands:
   /system TEXT    set the system prompt (and reset); /system alone shows it
   /set KEY VALUE  generation setting: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed,
                   no_repeat_ngram_size
+  /image FILE     attach an image to your next message (vision-language models)
   /help           this help
   /exit           quit (also `exit`, Ctrl-D)
 Ctrl-C while the model writes stops that answer."""
@@ -27,12 +29,35 @@ SETTING_TYPES = {"max_new_tokens": int, "temperature": float, "top_p": float, "t
                  "repetition_penalty": float, "seed": int, "no_repeat_ngram_size": int}
 
 
+def _image_refs(paths: list[str] | None, where: str) -> list[Any]:
+    """--image FILE / /image FILE (issue 17): relative to the current directory, checked now
+    (header only) so a missing image fails before the model loads, naming the file."""
+    from pathlib import Path
+
+    from nekotune.data.images import ImageRef, image_size
+
+    refs = [ImageRef(p, (Path.cwd(),)) for p in paths or []]
+    for ref in refs:
+        image_size(ref, where)
+    return refs
+
+
+def _needs_vision(loaded: Any, refs: list[Any]) -> None:
+    from nekotune.errors import UserError
+
+    if refs and not loaded.renderer.takes_images:
+        raise UserError(f"--image needs a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
+                        f"{loaded.spec.label} is a text model")
+
+
 @command
 def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdin: Any = None,
-             stdout: Any = None) -> int:
+             stdout: Any = None, images: list[str] | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
+    pending = _image_refs(images, "--image")
     loaded = load_for_inference(cfg, model_arg)
+    _needs_vision(loaded, pending)
     settings = GenSettings.from_config(loaded.cfg.generate)
     conv = Conversation(system=system)
     interactive = stdin.isatty()
@@ -60,10 +85,14 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
             continue
         if text in ("exit", "quit", "/exit", "/quit"):
             return 0
+        if text.startswith("/image"):
+            pending += _attach(text, loaded, out)
+            continue
         if text.startswith("/"):
             conv, settings = _slash(text, conv, settings, out)
             continue
-        conv.turns.append(Turn("user", text))
+        conv.turns.append(user_turn(text, pending))
+        pending = []
         out.write("neko> ")
         out.flush()
         stop = threading.Event()
@@ -79,6 +108,23 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
         out.write("\n")
         out.flush()
         conv.turns.append(Turn("assistant", "".join(pieces).strip() or "..."))
+
+
+def _attach(text: str, loaded: Any, out: Any) -> list[Any]:
+    """`/image FILE`: a bad or missing image is one line, and the chat goes on."""
+    from nekotune.errors import UserError
+
+    path = text.partition(" ")[2].strip()
+    try:
+        if not path:
+            raise UserError("/image needs a file: /image photo.jpg")
+        refs = _image_refs([path], "/image")
+        _needs_vision(loaded, refs)
+    except UserError as exc:
+        out.write(f"(not attached: {exc})\n")
+        return []
+    out.write(f"(image {path} attached to your next message)\n")
+    return refs
 
 
 def _slash(text: str, conv: Conversation, settings: GenSettings, out):
@@ -113,14 +159,17 @@ def _slash(text: str, conv: Conversation, settings: GenSettings, out):
 
 
 @command
-def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False, system: str | None = None) -> int:
+def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False, system: str | None = None,
+        images: list[str] | None = None) -> int:
     from nekotune.errors import UserError
 
     if not question.strip():
         raise UserError("the question is empty; pass the question as one argument in quotes")
+    refs = _image_refs(images, "--image")
     loaded = load_for_inference(cfg, model_arg)
+    _needs_vision(loaded, refs)
     settings = GenSettings.from_config(loaded.cfg.generate)
-    conv = Conversation(turns=[Turn("user", question.strip())], system=system)
+    conv = Conversation(turns=[user_turn(question.strip(), refs)], system=system)
     answer = generate(loaded.model, loaded.renderer, conv, settings)
     if as_json:
         print(json.dumps({"model": loaded.spec.label, "question": question, "answer": answer}, ensure_ascii=False))

@@ -14,7 +14,7 @@ def check_command(cfg: Config, file: str, model: str | None = None) -> int:
     from rich.text import Text
 
     from nekotune.api import check_data
-    from nekotune.data.check import length_summary, listed
+    from nekotune.data.check import image_summary, length_summary, listed
 
     console = Console(highlight=False, soft_wrap=True)
     report = check_data(file, cfg, model)
@@ -22,6 +22,8 @@ def check_command(cfg: Config, file: str, model: str | None = None) -> int:
                   f"tokenizer {report.tokenizer}")
     if report.lengths:
         console.print(length_summary(report))
+    if report.images is not None:
+        console.print(image_summary(report.images))
     for reason, where in report.problems.items():
         console.print(f"[yellow]{len(where)} rows[/]: {reason}: {listed(where)}")
     if report.example:

@@ -39,6 +39,13 @@ def _print(arch: Any, s: Any, est: Any, result: dict) -> None:
     console.print(table)
     console.print(f"a plain transformers loss would hold {result['plain_hf_loss_logits_mb']:,.0f} MB of fp32 logits "
                   f"here; nekotune's chunked loss holds {est.items['logits + loss']:,.0f} MB")
+    if "vision" in result:  # issue 17
+        v = result["vision"]
+        console.print(f"images ({v['family']}): at most {v['max_tokens_per_image']:,} tokens per image at "
+                      f"data.image_max_pixels={v['max_pixels']:,}, counted inside the {s.seq} tokens of a row; "
+                      f"vision tower {v['vision_params'] / 1e6:.1f}M parameters "
+                      f"({'trained' if v['vision_trained'] else 'frozen'}), {v['images_per_micro_batch']} image(s) "
+                      f"per micro-batch")
     inf = result["inference_mb"]
     console.print("inference (2048-token context): " + ", ".join(f"{k} {v / 1024:.1f} GB" for k, v in inf.items()))
     if "fit" in result:

@@ -49,7 +49,7 @@ def serve_command(cfg: Config, args: Any) -> int:
                         "--max-queue at least 0")
     host_policy(args.host, args.allow_host, cors or [])  # a bad --allow-host is refused before loading
     _check_port_free(args.host, args.port)
-    pool = load_pool(cfg, _model_arg(args), adapters)
+    pool = load_pool(cfg, _model_arg(args), adapters, allow_remote_images=args.allow_remote_images)
     app = create_app(pool, api_key=api_key, max_concurrency=args.max_concurrency,
                      max_tokens_cap=args.max_tokens_cap, cors_origins=cors, host=args.host,
                      allow_hosts=args.allow_host, max_body=args.max_body, max_queue=args.max_queue)

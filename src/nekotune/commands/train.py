@@ -27,6 +27,12 @@ class ConsoleReporter(TrainReporter):
               f"{s['tokens']:,} tokens ({s['trained_tokens']:,} trained), length p50 {s['length_p50']} "
               f"p95 {s['length_p95']} max {s['length_max']}; truncated {s['truncated_rows']}, "
               f"dropped {s['dropped_rows']}", flush=True)
+        if "images" in s:  # issue 17: a vision-language model
+            cut = s["dropped_image_cut"]
+            rows = f" ({', '.join(s['dropped_image_cut_rows'])}{', ...' if cut > 10 else ''})" if cut else ""
+            print(f"images: {s['images']} ({s['image_tokens']:,} image tokens, at most {s['image_tokens_max']} per "
+                  f"image, never trained); {cut} row(s) dropped because data.max_seq_len would cut an image{rows}",
+                  flush=True)
         print(f"precision: {precision} on {device}; run directory: {run}", flush=True)
 
     def begin(self, max_steps: int, step: int, live: bool) -> None:

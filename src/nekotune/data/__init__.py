@@ -87,4 +87,18 @@ def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
         "trained_tokens": sum(e.n_trained for e in train),
         "length_p50": percentile(lengths, 50), "length_p95": percentile(lengths, 95), "length_max": max(lengths),
     }
+    stats.update(_image_stats(train, renderer))
     return PreparedData(train=train, eval=evals, format=fmt, stats=stats)
+
+
+def _image_stats(train: list[Encoded], renderer: Renderer) -> dict:
+    """Images, their tokens and the rows dropped because truncation would cut an image (issue 17)."""
+    cut = getattr(renderer, "cut_image_rows", None)
+    if cut is None:
+        return {}
+    from nekotune.data.vision_render import image_stats
+
+    found = image_stats(train)  # type: ignore[arg-type]
+    return {"images": found["images"], "image_tokens": found["image_tokens"],
+            "image_tokens_max": found["image_tokens_max"], "dropped_image_cut": len(cut),
+            "dropped_image_cut_rows": cut[:10]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from nekotune.data.images import ImageRef
 from nekotune.data.sources import Row
 from nekotune.errors import UserError
 from nekotune.registry import DATA_FORMATS
@@ -19,12 +20,26 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 # Synonyms accepted by auto-detection for question/answer pairs.
 QUESTION_KEYS = ("instruction", "prompt", "question", "query")
 ANSWER_KEYS = ("output", "response", "answer", "completion")
+IMAGE = "<image>"  # LLaMA-Factory's placeholder, and the mark of an image's place in Turn.content
 
 
 @dataclass
 class Turn:
     role: str  # "user" | "assistant"
-    content: str
+    content: str  # text; in a turn with images, IMAGE marks each image's place (issue 17)
+    images: list[ImageRef] = field(default_factory=list)
+
+    def parts(self) -> str | list[dict]:
+        """The content as chat templates take it: text, or parts in order for a turn with images."""
+        if not self.images:
+            return self.content
+        parts: list[dict] = []
+        for i, chunk in enumerate(self.content.split(IMAGE)):
+            if i:
+                parts.append({"type": "image"})
+            if chunk:
+                parts.append({"type": "text", "text": chunk})
+        return parts
 
 
 @dataclass
@@ -35,12 +50,17 @@ class Conversation:
     where: str = ""
 
     def messages(self, default_system: str | None = None) -> list[dict]:
-        msgs = []
+        msgs: list[dict[str, Any]] = []
         system = self.system if self.system is not None else default_system
         if system:
             msgs.append({"role": "system", "content": system})
-        msgs.extend({"role": t.role, "content": t.content} for t in self.turns)
+        msgs.extend({"role": t.role, "content": t.parts()} for t in self.turns)
         return msgs
+
+    @property
+    def images(self) -> list[ImageRef]:
+        """Every image of the conversation, in the order the template renders them."""
+        return [ref for t in self.turns for ref in t.images]
 
     @property
     def reference(self) -> str | None:
@@ -76,7 +96,7 @@ def apply_mapping(row: Row, columns: dict[str, str]) -> Row:
             raise UserError(f"{row.where}: mapped column `{source}` (for `{canonical}`) is missing; "
                             f"fields found: {_fields(row.data)}; fix data.columns")
         data[canonical] = value
-    return Row(data, row.where)
+    return Row(data, row.where, row.source)
 
 
 def _fields(data: dict) -> str:
@@ -217,4 +237,20 @@ def to_conversations(rows: list[Row], fmt: str = "auto", columns: dict[str, str]
             not _first_key(rows[0].data, QUESTION_KEYS):
         # input/output pairs: the input is the question
         convert = lambda r: from_alpaca(Row({**r.data, "instruction": r.data.get("input"), "input": ""}, r.where))  # noqa: E731
+    convert = with_images(fmt, convert)
     return [convert(r) for r in rows], fmt
+
+
+def with_images(fmt: str, convert: Callable[[Row], Conversation]) -> Callable[[Row], Conversation]:
+    """`convert`, taking rows with images too where the format has them (issue 17: messages and
+    ShareGPT rows with `<image>` placeholders and `images`, or image content parts)."""
+    if fmt not in ("messages", "sharegpt"):
+        return convert
+    from nekotune.data.image_rows import has_images, to_vision_conversation
+
+    return lambda r: to_vision_conversation(r, _base_dirs(r)) if has_images(r.data) else convert(r)
+
+
+def _base_dirs(row: Row) -> tuple:
+    """Where a row's relative image paths resolve: its file's folder."""
+    return (row.source.parent,) if row.source is not None else ()

@@ -71,11 +71,37 @@ class Renderer:
             raise UserError(f"the chat template rejected a conversation ({str(exc).splitlines()[0]}); "
                             f"check the roles or set model.chat_template") from None
 
+    takes_images = False  # the VisionRenderer (data/vision_render.py) does
+
+    def _text_only(self, conv: Conversation) -> None:
+        if conv.images and not self.takes_images:
+            raise UserError(f"{conv.where or 'the conversation'}: it has images but the model is a text model; "
+                            f"use a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: docs/vision.md)")
+
     def prompt_text(self, conv: Conversation) -> str:
+        self._text_only(conv)
         return self.render(conv.messages(self.system_prompt), add_generation_prompt=True)
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         return self._tokenize(self.prompt_text(conv))
+
+    def prompt_inputs(self, conv: Conversation, device: Any = None) -> dict:
+        """What `model.generate` takes for this prompt (the VisionRenderer adds the images)."""
+        import torch
+
+        ids = torch.tensor([self.prompt_ids(conv)], device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def prompt_features(self, conv: Conversation) -> dict:
+        """One row of a left-padded generation batch (see batch_collator)."""
+        ids = self.prompt_ids(conv)
+        return {"input_ids": ids, "labels": ids}
+
+    def batch_collator(self, pad_id: int) -> Any:
+        """Left-pads prompt_features rows into a generation batch."""
+        from nekotune.data.collate import pad_batch
+
+        return lambda rows: pad_batch(rows, pad_id, side="left")
 
     def _tokenize(self, text: str) -> list[int]:
         # The template already wrote BOS where the model wants it.
@@ -136,6 +162,7 @@ class Renderer:
             if self.tokenizer.eos_token_id is not None:
                 text_ids = text_ids + [self.tokenizer.eos_token_id]
             return self._fit(Encoded(text_ids, list(text_ids)))
+        self._text_only(conv)
         messages = conv.messages(self.system_prompt)
         full = self.render(messages, add_generation_prompt=False)
         if self.train_on_prompt:

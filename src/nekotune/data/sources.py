@@ -24,6 +24,7 @@ MAX_DEPTH = 64  # nesting deeper than this is hostile input, not a dataset
 class Row:
     data: dict[str, Any]
     where: str  # "path row N" / "path line N"
+    source: Path | None = None  # the file it came from: relative image paths resolve against its folder
 
 
 def read_rows(path: str, split: str = "train", max_rows: int | None = None, hub: str | None = None) -> list[Row]:
@@ -33,9 +34,9 @@ def read_rows(path: str, split: str = "train", max_rows: int | None = None, hub:
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in SUPPORTED and f.is_file())
         if not files:
             raise UserError(f"{p}: directory holds no {', '.join(SUPPORTED)} files; point data.path at a data file")
-        rows = [r for f in files for r in _read_file(f)]
+        rows = [r for f in files for r in _from_file(f)]
     elif p.is_file():
-        rows = _read_file(p)
+        rows = _from_file(p)
     elif _looks_like_hub_id(path):
         rows = _read_hub(path, split, hub)
     else:
@@ -43,6 +44,13 @@ def read_rows(path: str, split: str = "train", max_rows: int | None = None, hub:
                         f"or a Hugging Face dataset id (owner/name)")
     if max_rows:
         rows = rows[:max_rows]
+    return rows
+
+
+def _from_file(p: Path) -> list[Row]:
+    rows = _read_file(p)
+    for r in rows:
+        r.source = p
     return rows
 
 

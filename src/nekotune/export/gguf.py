@@ -57,8 +57,13 @@ def prepare(cfg: Config, model_arg: str | None) -> Source:
     """Resolve --model, and the prompt settings it was trained with (run config or merge info)."""
     from nekotune.data.render import Renderer
     from nekotune.model import load_tokenizer, resolve_source
+    from nekotune.model.load import base_config
+    from nekotune.vision.families import gguf_refusal, is_vlm
 
     spec, cfg = resolve_source(cfg, model_arg, merged_prompts=True)
+    config = base_config(spec, cfg.model)
+    if is_vlm(config):  # issue 17: llama.cpp needs the vision projector as its own mmproj file
+        raise gguf_refusal(config)
     tokenizer = load_tokenizer(spec, cfg.model)
     return Source(spec, cfg, tokenizer, Renderer.from_config(tokenizer, cfg.data))
 

@@ -10,6 +10,7 @@ from nekotune.model.load import (
                                  cpu_has_fast_bf16,
                                  load_for_inference,
                                  load_model,
+                                 load_renderer,
                                  load_source,
                                  load_tokenizer,
                                  pick_device,
@@ -32,6 +33,7 @@ from nekotune.model.source import (
 
 __all__ = ["HubChoice", "Loaded", "ModelSource", "Precision", "attach_adapter", "cache_dir", "chat_template_text",
            "check_quantization", "cpu_has_fast_bf16", "effective_config", "embedded_gguf", "gguf_to_hf_dir",
-           "load_for_inference", "load_model", "load_source", "load_tokenizer", "merge_info", "pick_device",
+           "load_for_inference", "load_model", "load_renderer", "load_source", "load_tokenizer", "merge_info",
+           "pick_device",
            "pick_precision", "require_safetensors_adapter", "resolve", "resolve_base", "resolve_source",
            "with_merge_info"]

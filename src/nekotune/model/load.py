@@ -146,9 +146,44 @@ def quantization_config(model_cfg: ModelConfig, compute_dtype: Any) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def base_config(spec: ModelSource, model_cfg: ModelConfig | None = None) -> dict:
+    """The base model's config.json as a dict ({} where it has none, e.g. a GGUF)."""
+    from nekotune.model.processor import read_model_json
+
+    return read_model_json(spec.base, "config.json", model_cfg.revision if model_cfg else None)
+
+
+def is_vision_model(spec: ModelSource, model_cfg: ModelConfig | None = None) -> bool:
+    """A vision-language model of a supported family (issue 17); a UserError for another VLM family."""
+    from nekotune.vision.families import family_of
+
+    return family_of(base_config(spec, model_cfg)) is not None
+
+
+def load_renderer(spec: ModelSource, cfg: Config, policy: Any = None) -> tuple[Any, Any]:
+    """(tokenizer, renderer): the text Renderer, or for a vision-language model the VisionRenderer
+    over its processor (tokenizer + image processor at data.image_*_pixels + chat template)."""
+    from nekotune.data.render import Renderer
+
+    if not is_vision_model(spec, cfg.model):
+        tokenizer = load_tokenizer(spec, cfg.model)
+        return tokenizer, Renderer.from_config(tokenizer, cfg.data)
+    from nekotune.data.images import DATA_POLICY
+    from nekotune.data.vision_render import VisionRenderer
+    from nekotune.model.processor import load_processor, processor_source
+
+    trust = cfg.model.trust_remote_code  # only the user's own setting (effective_config)
+    if trust:
+        warn_trusted([spec.adapter, spec.base])
+    processor = load_processor(processor_source(spec.base, spec.adapter), cfg.data.image_min_pixels,
+                               cfg.data.image_max_pixels, chat_template=chat_template_text(cfg.model),
+                               revision=cfg.model.revision, trust_remote_code=trust)
+    return processor.tokenizer, VisionRenderer.for_processor(processor, cfg.data, policy or DATA_POLICY)
+
+
 def load_model(spec: ModelSource, model_cfg: ModelConfig, precision: Precision, training: bool = False) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     check_quantization(model_cfg, precision.device)
     kwargs = {"dtype": precision.weights, "trust_remote_code": model_cfg.trust_remote_code,
@@ -164,7 +199,9 @@ def load_model(spec: ModelSource, model_cfg: ModelConfig, precision: Precision, 
     if model_cfg.trust_remote_code:
         warn_trusted([spec.adapter, spec.base])
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
+        # a vision-language model loads with its vision tower (AutoModelForCausalLM refuses its config)
+        auto = AutoModelForImageTextToText if is_vision_model(spec, model_cfg) else AutoModelForCausalLM
+        model: Any = auto.from_pretrained(spec.base, **kwargs)
     except (OSError, ValueError) as exc:
         if not model_cfg.trust_remote_code and is_needs_code(exc):
             raise needs_code_error(spec.base, "model") from None
@@ -219,13 +256,11 @@ class Loaded:
 
 def load_source(source: ModelSource, cfg: Config) -> Loaded:
     """A resolved model (and its effective config) loaded for generation."""
-    from nekotune.data.render import Renderer
-
     device = pick_device(cfg.model.device)
     precision = pick_precision(device, cfg.model.dtype, training=False)
-    tokenizer = load_tokenizer(source, cfg.model)
+    _, renderer = load_renderer(source, cfg)
     model = load_model(source, cfg.model, precision, training=False)
-    return Loaded(model, Renderer.from_config(tokenizer, cfg.data), source, cfg)
+    return Loaded(model, renderer, source, cfg)
 
 
 def load_for_inference(cfg: Config, model_arg: str | None) -> Loaded:

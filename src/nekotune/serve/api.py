@@ -133,11 +133,13 @@ class Generation:
         self.parts: list[str] = []
         self.hit_stop_string = False
         self.completion_tokens = 0
+        self.inputs: dict | None = None  # the prompt's tensors, built once by prepare()
 
     def produce(self, put: Any) -> None:
         """Worker thread: the CPU work of an answer (generating, scanning for stops, counting) stays here."""
         scanner = StopScanner(self.stops)
-        pieces = stream(self.server.pool.model, self.entry.renderer, self.conv, self.settings, stop=self.stop)
+        pieces = stream(self.server.pool.model, self.entry.renderer, self.conv, self.settings, stop=self.stop,
+                        inputs=self.inputs)
         with contextlib.closing(pieces):
             for piece in pieces:
                 out, self.hit_stop_string = scanner.feed(piece)
@@ -207,9 +209,12 @@ def prepare(server: Server, req: Any, conv: Conversation, stops: list[str]) -> G
     context = server.pool.context_length
     check_prompt_chars(conv, context)
     try:
-        prompt_tokens = len(entry.renderer.prompt_ids(conv))
+        # the model's inputs, built here, in a thread: a request's images are decoded once, never on
+        # the event loop, and a bad one is a 400 before a slot is taken (issue 17)
+        inputs = entry.renderer.prompt_inputs(conv)
     except UserError as exc:
         raise bad_request(str(exc), "messages") from None
+    prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens >= context:
         raise bad_request(f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens. "
                           f"Shorten the messages", "messages", "context_length_exceeded")
@@ -224,7 +229,9 @@ def prepare(server: Server, req: Any, conv: Conversation, stops: list[str]) -> G
                                seed=_pick(req.seed, d.seed), no_repeat_ngram_size=d.no_repeat_ngram_size).validated()
     except UserError as exc:
         raise bad_request(str(exc)) from None
-    return Generation(server, entry, conv, settings, stops, prompt_tokens)
+    gen = Generation(server, entry, conv, settings, stops, prompt_tokens)
+    gen.inputs = inputs
+    return gen
 
 
 def _prepare_chat(server: Server, req: ChatRequest) -> Generation:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from nekotune.data.formats import Conversation, Turn
+from nekotune.errors import UserError
 
 log = logging.getLogger("nekotune.serve")
 
@@ -111,9 +112,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we have no use for (user, metadata ...)
 
 
+class ImageURL(_Body):
+    url: str  # a data URL (remote URLs only with --allow-remote-images); bounded by --max-body
+    detail: Optional[str] = None  # OpenAI's resolution hint; nekotune uses data.image_max_pixels
+
+
 class ContentPart(_Body):
     type: Annotated[Text, Field(max_length=64)]
     text: Optional[Text] = None
+    image_url: Optional[ImageURL] = None  # issue 17: vision-language models
 
 
 class Message(_Body):
@@ -214,15 +221,41 @@ def _text_of(content, index: int) -> str:
     return "".join(parts)
 
 
+MAX_IMAGES = 8  # images per request: each is decoded and becomes up to thousands of tokens
+
+
+def _has_images(content) -> bool:
+    return isinstance(content, list) and any(part.type != "text" for part in content)
+
+
+def _image_turn(msg: Message, index: int) -> Turn:
+    """A message with image_url parts (issue 17) -> a Turn with images; never a 500."""
+    from nekotune.data.image_rows import turn_from_content
+
+    where = f"messages[{index}].content"
+    if msg.role not in ("user",):
+        raise bad_request(f"{where}: the {msg.role} message has an image; images go in user messages", where)
+    try:
+        parts = msg.content if isinstance(msg.content, list) else []
+        return turn_from_content("user", [part.model_dump(exclude_none=True) for part in parts], where)
+    except UserError as exc:
+        raise bad_request(str(exc), where) from None
+
+
 def to_conversation(messages: list[Message]) -> Conversation:
     """OpenAI messages -> nekotune's Conversation (system messages become its system prompt)."""
     systems, turns = [], []
     for i, msg in enumerate(messages):
+        if _has_images(msg.content):
+            turns.append(_image_turn(msg, i))
+            continue
         text = _text_of(msg.content, i)
         if msg.role in ("system", "developer"):
             systems.append(text)
         else:
             turns.append(Turn(msg.role, text))
+    if sum(len(t.images) for t in turns) > MAX_IMAGES:
+        raise bad_request(f"messages: more than {MAX_IMAGES} images in one request", "messages")
     if not turns or turns[-1].role != "user":
         raise bad_request("messages: the conversation must end with a user message", "messages")
     return Conversation(turns=turns, system="\n\n".join(systems) if systems else None)

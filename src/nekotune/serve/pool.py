@@ -151,11 +151,24 @@ def context_length(model: Any, tokenizer: Any) -> int:
     return int(n)
 
 
-def _renderer(tokenizer, cfg) -> Renderer:
-    """Each name renders with its own run's template (the tokenizer is the served model's)."""
+def _renderer(tokenizer, cfg, like: Renderer) -> Renderer:
+    """Each name renders with its own run's template (the tokenizer is the served model's);
+    `like`: the served model's renderer, whose processor and image policy a VLM's names share."""
+    from nekotune.data.vision_render import VisionRenderer
     from nekotune.model import chat_template_text
 
-    return Renderer.from_config(tokenizer, cfg.data, chat_template=chat_template_text(cfg.model))
+    template = chat_template_text(cfg.model)
+    if isinstance(like, VisionRenderer):
+        return VisionRenderer.for_processor(like.processor, cfg.data, like.policy,
+                                            chat_template=template or like.template)
+    return Renderer.from_config(tokenizer, cfg.data, chat_template=template)
+
+
+def image_policy(allow_remote_images: bool) -> Any:
+    """Requests never name local files; remote URLs only when the operator allows them."""
+    from nekotune.data.images import REQUEST_POLICY, ImagePolicy
+
+    return ImagePolicy(allow_files=False, allow_remote=True) if allow_remote_images else REQUEST_POLICY
 
 
 def _add_adapter(model, spec, internal: str):
@@ -196,13 +209,14 @@ def _adapter_sources(spec: ModelSource, adapters: list[tuple[str, str]], outputs
     return sources
 
 
-def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]]) -> ModelPool:
+def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]],
+              allow_remote_images: bool = False) -> ModelPool:
     """Load the base once, then every adapter onto it under its own name."""
     from nekotune.model import (
         ModelSource,
         effective_config,
         load_model,
-        load_tokenizer,
+        load_renderer,
         pick_device,
         pick_precision,
         resolve_source,
@@ -210,11 +224,11 @@ def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]]) 
 
     spec, served_cfg = resolve_source(cfg, model_arg)
     precision = pick_precision(pick_device(served_cfg.model.device), served_cfg.model.dtype, training=False)
-    tokenizer = load_tokenizer(spec, served_cfg.model)
+    tokenizer, served = load_renderer(spec, served_cfg, image_policy(allow_remote_images))
     model = load_model(ModelSource(base=spec.base), served_cfg.model, precision, training=False)
     context = context_length(model, tokenizer)
     # The base answers with the served model's prompt settings, so base and fine-tuned compare fairly.
-    base = Entry(safe_name(f"base-{Path(spec.base.rstrip('/')).name}"), None, _renderer(tokenizer, served_cfg),
+    base = Entry(safe_name(f"base-{Path(spec.base.rstrip('/')).name}"), None, _renderer(tokenizer, served_cfg, served),
                  GenSettings.from_config(served_cfg.generate), spec.base)
     entries = [base]
     for i, (name, aspec) in enumerate(_adapter_sources(spec, adapters, cfg.output.root)):
@@ -225,7 +239,8 @@ def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]]) 
                         spec.base)
         model = _add_adapter(model, aspec, internal=f"adapter{i}")
         ecfg = effective_config(cfg, aspec)
-        entries.append(Entry(name, f"adapter{i}", _renderer(tokenizer, ecfg), GenSettings.from_config(ecfg.generate),
+        entries.append(Entry(name, f"adapter{i}", _renderer(tokenizer, ecfg, served),
+                             GenSettings.from_config(ecfg.generate),
                              aspec.label))
     model.eval()
     return ModelPool(model, tokenizer, entries, context)

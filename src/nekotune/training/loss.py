@@ -133,6 +133,12 @@ def install_fast_loss(model: Any) -> bool:
     if not supports_fast_loss(model):
         return False
     base = causal_lm(model)
+    if hasattr(getattr(base, "model", None), "get_rope_index"):
+        # A Qwen-VL model: get_decoder() is its text model, which would never see the images
+        # (issue 17); the multimodal backbone's loss goes in instead.
+        from nekotune.training.vision_loss import install_vlm_fast_loss
+
+        return install_vlm_fast_loss(model)
     if not getattr(base, "_nekotune_fast_loss", False):
         base.forward = types.MethodType(_fast_forward, base)
         base._nekotune_fast_loss = True

@@ -86,8 +86,7 @@ def _prepare(cfg: Config, run: Path, rank0: bool, reporter: TrainReporter) -> _P
     if spec.adapter:
         raise UserError(f"model.name_or_path={cfg.model.name_or_path} is an adapter; train on its base model "
                         f"({spec.base}) or merge it first with `nekotune merge`")
-    tokenizer = M.load_tokenizer(spec, cfg.model)
-    renderer = Renderer.from_config(tokenizer, cfg.data)
+    tokenizer, renderer = M.load_renderer(spec, cfg)  # a VisionRenderer for a vision-language model
     data = prepare(cfg, renderer)
     if rank0:
         reporter.prepared(data.stats, precision.name, precision.device, run)
@@ -143,20 +142,35 @@ def _make_trainer(cfg: Config, run: Path, parts: _Parts, stats: Stats, interrupt
                   callbacks: list | None, reporter: TrainReporter) -> tuple[Any, _Plans]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from nekotune.data.collate import Collator
-
     data = parts.data
     plans = _plans(cfg, run, data)
     all_callbacks = (make_callbacks(stats, reporter, live and _is_rank0(), interrupt) + plans.checkpoints.callbacks
                      + plans.trackers.callbacks + list(callbacks or []))
+    examples, collator = _examples_and_collator(cfg, parts)
     trainer = make_trainer_class()(
         model=parts.model, args=training_args(cfg, run, parts.precision, data, parts.grad_ckpt, plans),
-        train_dataset=_Examples(data.train), eval_dataset=_Examples(data.eval) if data.eval else None,
-        data_collator=Collator(parts.tokenizer.pad_token_id, cfg.data.packing), callbacks=all_callbacks,
-        stats=stats, nan_policy=cfg.train.nan_policy)
+        train_dataset=examples(data.train), eval_dataset=examples(data.eval) if data.eval else None,
+        data_collator=collator, callbacks=all_callbacks, stats=stats, nan_policy=cfg.train.nan_policy)
     for cb in (ProgressCallback, PrinterCallback):  # the reporter shows progress instead
         trainer.remove_callback(cb)
     return trainer, plans
+
+
+def _examples_and_collator(cfg: Config, parts: _Parts) -> tuple[Callable[[list], Any], Any]:
+    """Text rows, or image rows (issue 17): pixels decoded per row when fetched, batches with
+    mm_token_type_ids and, packed, per-example M-RoPE positions (2-D positions would turn it off)."""
+    from nekotune.data.collate import Collator
+    from nekotune.data.vision_collate import VisionCollator, VisionDataset
+    from nekotune.data.vision_render import VisionRenderer
+    from nekotune.training.vision_loss import rope_index_of
+
+    pad_id = parts.tokenizer.pad_token_id
+    renderer = parts.renderer
+    if not isinstance(renderer, VisionRenderer):
+        return _Examples, Collator(pad_id, cfg.data.packing)
+    rope_index = rope_index_of(parts.model) if cfg.data.packing else None
+    return (lambda items: VisionDataset(items, renderer),
+            VisionCollator(pad_id, renderer.image_token_id, packing=cfg.data.packing, rope_index=rope_index))
 
 
 def _is_rank0() -> bool:
@@ -214,7 +228,7 @@ def _save_results(cfg: Config, run: Path, parts: _Parts, trainer: Any, stats: St
     if message:
         log.warning("%s", message)
     try:
-        save_adapter(parts.model, parts.tokenizer, run)
+        save_adapter(parts.model, parts.tokenizer, run, processor_of=parts.base)
         write_run_json(cfg, run, parts.data.stats, trainer.state, stats, parts.precision, parts.grad_ckpt,
                        parts.base, {**parts.speed, **best})
         if cfg.output.plot:
@@ -244,12 +258,16 @@ def _oom_advice(cfg: Config) -> str:
 
 
 # -- the model and the Trainer's arguments ---------------------------------------------------
-def lora_config(cfg: Config) -> Any:
+def lora_config(cfg: Config, model_config: Any = None) -> Any:
     from peft import LoraConfig
 
     targets = cfg.lora.target_modules
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if model_config is not None:  # a VLM: the language model only, unless lora.vision (issue 17)
+        from nekotune.vision.families import lora_targets
+
+        targets = lora_targets(model_config, targets, cfg.lora.vision)
     # peft annotates lora_alpha as int; it takes any number (the scale is alpha / r)
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]
                       lora_dropout=cfg.lora.dropout, target_modules=targets,
@@ -275,7 +293,7 @@ def build_peft_model(model: Any, cfg: Config, grad_ckpt: bool) -> Any:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:
-        peft_model = get_peft_model(model, lora_config(cfg))
+        peft_model = get_peft_model(model, lora_config(cfg, model.config))
     except ValueError as exc:
         raise UserError(f"LoRA setup failed: {str(exc).splitlines()[0]}; check lora.target_modules "
                         f"(or use all-linear)") from None

@@ -13,10 +13,16 @@ from nekotune.config import Config
 from nekotune.io import atomic_dir, atomic_write_json
 
 
-def save_adapter(model: Any, tokenizer: Any, run: Path) -> None:
+def save_adapter(model: Any, tokenizer: Any, run: Path, processor_of: str | None = None) -> None:
+    """`processor_of`: the base whose processor files (image processor, chat template) a
+    vision-language adapter carries, so the run loads as a VLM anywhere (issue 17)."""
     with atomic_dir(run / "adapter") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if processor_of is not None and getattr(model.config, "vision_config", None) is not None:
+            from nekotune.model.processor import copy_processor_files
+
+            copy_processor_files(processor_of, tmp)
+        tokenizer.save_pretrained(tmp)  # after: its chat template (the one trained with) wins
 
 
 def peak_memory_mb(device: str) -> float:

@@ -81,6 +81,7 @@ def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = Tr
            auth: tuple[str, str] | None = None) -> Any:
     from starlette.middleware import Middleware
 
+    from nekotune.data.images import DATA_POLICY
     from nekotune.serve.guard import HostGuard, host_policy
 
     private_events(app)
@@ -91,4 +92,5 @@ def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, block: bool = Tr
     return app.queue(api_open=False).launch(
         server_name=host, server_port=port, prevent_thread_lock=not block, share=False, inbrowser=False,
         quiet=not block, theme=theme(), css=CSS, footer_links=[], auth=auth, ssr_mode=False, mcp_server=False,
-        strict_cors=True, app_kwargs={"middleware": [guard]})
+        strict_cors=True, app_kwargs={"middleware": [guard]},
+        max_file_size=DATA_POLICY.max_bytes)  # uploads (chat images) bounded like dataset images

@@ -127,6 +127,39 @@ def _text(content) -> str:
     return str(content or "")
 
 
+def _uploaded(path: Any) -> str | None:
+    """A file Gradio uploaded into its own cache; anything else (a path a client typed into the
+    history it sends back) is not read (issue 17)."""
+    from gradio.utils import get_upload_folder
+
+    if not isinstance(path, str) or not path:
+        return None
+    real = Path(path).resolve()
+    return str(real) if real.is_relative_to(Path(get_upload_folder()).resolve()) and real.is_file() else None
+
+
+def _images(content) -> list[str]:
+    """The uploaded images of one chat message (file parts, in order)."""
+    parts = content if isinstance(content, list) else [content]
+    paths = [(p.get("file") or {}).get("path") if p.get("type") == "file" else p.get("path")
+             for p in parts if isinstance(p, dict)]
+    return [ok for ok in map(_uploaded, paths) if ok]
+
+
+def _turns(history: list) -> list:
+    """The chat so far as Turns, each user turn with the images it was sent with."""
+    from nekotune.data.formats import Turn
+    from nekotune.data.image_rows import user_turn
+
+    turns = []
+    for m in history or []:
+        if m["role"] == "user":
+            turns.append(user_turn(_text(m["content"]), _images(m["content"])))
+        elif m["role"] == "assistant":
+            turns.append(Turn("assistant", _text(m["content"])))
+    return turns
+
+
 def _settings(loaded, temperature, max_new_tokens, top_p, top_k, repetition_penalty):
     from nekotune.generate import GenSettings
 
@@ -135,29 +168,39 @@ def _settings(loaded, temperature, max_new_tokens, top_p, top_k, repetition_pena
                                    repetition_penalty=float(repetition_penalty))
 
 
+def _shown(text: str, images: list[str]) -> Any:
+    return [*({"path": p} for p in images), text] if images else text
+
+
 def chat_reply(ws: Workspace, message: str, history: list, model: str, system: str, temperature: float,
                max_new_tokens: float, top_p: float, top_k: float, repetition_penalty: float, request: Any,
-               ) -> Iterator[tuple[list, str]]:
-    """Stream the answer into the chat, one piece at a time."""
-    from nekotune.data.formats import Conversation, Turn
+               image: str | None = None) -> Iterator[tuple[list, str]]:
+    """Stream the answer into the chat, one piece at a time. `image`: an uploaded image for this
+    message (vision-language models); earlier turns keep theirs."""
+    from nekotune.data.formats import Conversation
+    from nekotune.data.image_rows import user_turn
     from nekotune.generate import stream
 
     if not (message or "").strip():
         yield history, message
         return
+    images = [ok for ok in [_uploaded(image)] if ok]
     try:
         loaded = ws.cache.get(model or ws.default_model)
         settings = _settings(loaded, temperature, max_new_tokens, top_p, top_k, repetition_penalty)
+        conv = Conversation(turns=_turns(history) + [user_turn(message, images)], system=system or None)
+        if conv.images and not loaded.renderer.takes_images:
+            raise UserError(f"{loaded.spec.label} is a text model; images need a vision-language model")
+        inputs = loaded.renderer.prompt_inputs(conv)  # a bad image is an error here, before the reply
     except UserError as exc:
         raise gr.Error(str(exc)) from None
-    turns = [Turn(m["role"], _text(m["content"])) for m in history or [] if m["role"] in ("user", "assistant")]
-    conv = Conversation(turns=turns + [Turn("user", message)], system=system or None)
     stop = ws.chat_stops[request.session_hash] = threading.Event()
-    shown = [{"role": m["role"], "content": _text(m["content"])} for m in history or []]
-    shown += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+    shown = [{"role": m["role"], "content": _shown(_text(m["content"]), _images(m["content"]))}
+             for m in history or []]
+    shown += [{"role": "user", "content": _shown(message, images)}, {"role": "assistant", "content": ""}]
     yield shown, ""
     answer = ""
-    for piece in stream(loaded.model, loaded.renderer, conv, settings, stop=stop):
+    for piece in stream(loaded.model, loaded.renderer, conv, settings, stop=stop, inputs=inputs):
         answer += piece
         shown[-1]["content"] = answer.lstrip()
         yield shown, ""
@@ -192,16 +235,20 @@ def build_chat_tab(ws: Workspace) -> dict:
         send = gr.Button(t("Send", "发送"), variant="primary", scale=1, elem_id="chat-send")
         stop = gr.Button(t("Stop", "停止"), scale=1, elem_id="chat-stop")
         clear = gr.Button(t("Clear", "清空"), scale=1)
+    # issue 17: an image for the next message (vision-language models); bounded like a data image
+    image = gr.Image(type="filepath", sources=["upload"],
+                     label=t("Image (vision-language models)", "图片（视觉语言模型）"),
+                     elem_id="chat-image", height=160)
 
-    def reply(msg, history, m, s, temp, mx, tp, tk, rp, request: gr.Request):
-        yield from chat_reply(ws, msg, history, m, s, temp, mx, tp, tk, rp, request)
+    def reply(msg, history, m, s, temp, mx, tp, tk, rp, img, request: gr.Request):
+        yield from chat_reply(ws, msg, history, m, s, temp, mx, tp, tk, rp, request, image=img)
 
     def halt(request: gr.Request):
         stop_chat(ws, request)
 
-    inputs = [message, chatbot, model, system, temperature, max_new, top_p, top_k, rep]
-    message.submit(reply, inputs, [chatbot, message])
-    send.click(reply, inputs, [chatbot, message])
+    inputs = [message, chatbot, model, system, temperature, max_new, top_p, top_k, rep, image]
+    for event in (message.submit, send.click):  # the image goes with one message: cleared after it
+        event(reply, inputs, [chatbot, message]).then(lambda: None, None, image)
     stop.click(halt, None, None)
     clear.click(lambda: [], None, chatbot)
     return {"model": model, "refresh": refresh}

@@ -91,13 +91,16 @@ def inmemory_merge(spec: ModelSource, model_cfg: ModelConfig, compute_dtype: str
                    roundtrip: Callable | None = None) -> MergedModel:
     """The default merge: peft's own merge_and_unload on the whole model."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from nekotune.model import attach_adapter
+    from nekotune.model.load import is_vision_model
 
     kwargs = {"dtype": torch_dtype(compute_dtype), "trust_remote_code": model_cfg.trust_remote_code}
+    # a vision-language model merges with its vision tower (issue 17); tensor names stay the base's
+    auto = AutoModelForImageTextToText if is_vision_model(spec, model_cfg) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.base, **kwargs)
+        model = auto.from_pretrained(spec.base, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model {spec.base} ({str(exc).splitlines()[0]})") from None
     if roundtrip is not None:
@@ -112,6 +115,7 @@ def inmemory_merge(spec: ModelSource, model_cfg: ModelConfig, compute_dtype: str
     else:
         shards = {f: list(n) for f, n in base.shards.items()}
         config = dict(base.config)
+        state = _checkpoint_names(state, config, {n for names in shards.values() for n in names})
         _keep_untied_head(shards, state, base, config)
     shapes = {n: tuple(state[n].shape) for names in shards.values() for n in names}
     missing = [n for n in shapes if n not in state]
@@ -168,11 +172,32 @@ def open_merged(spec: ModelSource, cfg: Config, low_memory: bool = True,
     base_dir = local_model_dir(spec.base, cfg.model.revision)
     roundtrip = quantized_roundtrip(spec.run_config) if spec.adapter else None
     if spec.adapter is None or low_memory:
+        _refuse_vision_low_memory(spec, cfg)
         base = BaseCheckpoint.open(base_dir)
         return streamed_merge(base, Adapter.load(spec.adapter) if spec.adapter else None, roundtrip)
     layout = BaseCheckpoint.open(base_dir) if has_safetensors(base_dir) else None
     dtype = compute_dtype or (layout.weights_dtype if layout else "float32")
     return inmemory_merge(spec, cfg.model, dtype, layout, roundtrip)
+
+
+def _checkpoint_names(state: dict, config: dict, available: set[str]) -> dict:
+    """In-memory tensor names as the base checkpoint spells them: Qwen2-VL/2.5-VL checkpoints use
+    the hub layout (model.layers, visual.*), not transformers 5's in-memory model.language_model.*."""
+    from nekotune.vision.families import checkpoint_name, family_of
+
+    if family_of(config) is None:
+        return state
+    return {checkpoint_name(config, n, available) or n: v for n, v in state.items()}
+
+
+def _refuse_vision_low_memory(spec: ModelSource, cfg: Config) -> None:
+    """The streamed merge maps adapter names onto checkpoint names by prefix; Qwen2-VL/2.5-VL save
+    the hub layout (model.layers, visual.*), not the in-memory names, so it is not wired yet."""
+    from nekotune.model.load import is_vision_model
+
+    if spec.adapter is not None and is_vision_model(spec, cfg.model):
+        raise UserError(f"merge --low-memory does not support vision-language models yet; merge {spec.label} "
+                        f"without --low-memory")
 
 
 def _has_safetensors(path: Path) -> bool:

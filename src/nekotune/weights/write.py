@@ -138,6 +138,7 @@ def merge(cfg: Config, model_arg: str | None, out: str, low_memory: bool = False
     from nekotune.data.render import Renderer
     from nekotune.io import atomic_dir, claim_output_dir
     from nekotune.model import load_tokenizer, resolve_source
+    from nekotune.model.processor import has_processor_files
 
     spec, cfg = resolve_source(cfg, model_arg)
     if spec.adapter is None:
@@ -159,6 +160,11 @@ def merge(cfg: Config, model_arg: str | None, out: str, low_memory: bool = False
         total = write_merged(merged, tmp, out_dtype, progress)
         _write_config(merged, tmp, out_dtype)
         _write_generation_config(merged.base_dir, tmp, merged.config, renderer)
+        if merged.config.get("vision_config") is not None:  # loads as a VLM elsewhere (issue 17)
+            from nekotune.model.processor import copy_processor_files
+
+            copy_processor_files(spec.adapter if spec.adapter and has_processor_files(spec.adapter) else spec.base,
+                                 tmp, cfg.model.revision)
         tokenizer.save_pretrained(tmp)
         _write_merge_info(tmp, spec, cfg, out_dtype, low_memory)
     return MergeResult(out_path, spec.adapter, spec.base, len(merged.shards), total, out_dtype, low_memory)
