@@ -199,7 +199,8 @@ def test_check_counts_kto_labels(smol_tokenizer):
 def test_prepare_drops_identical_pairs_and_splits_before_unpairing(smol_tokenizer, tmp_path):
     data = [{"instruction": f"Q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(10)]
     train_file, val_file = tmp_path / "pairs.jsonl", tmp_path / "val.json"
-    train_file.write_text("\n".join(json.dumps(d) for d in data + [{"instruction": "S?", "chosen": "s", "rejected": "s"}]))
+    same = {"instruction": "S?", "chosen": "s", "rejected": "s"}
+    train_file.write_text("\n".join(json.dumps(d) for d in data + [same]))
     val_file.write_text(json.dumps(data[:3]))
     cfg = load_config(None, [f"data.path={train_file}", f"data.val_path={val_file}", "data.max_seq_len=64"],
                       default_to_demo=False)
@@ -219,3 +220,32 @@ def test_prepare_drops_identical_pairs_and_splits_before_unpairing(smol_tokenize
     with pytest.raises(UserError, match="needs data.path"):
         prepare_preference(load_config(None, ["data.max_seq_len=64"], default_to_demo=False).data, renderer,
                            "pairs", seed=1)
+
+
+def test_predict_output_maps_to_pairs():
+    """The persona recipe: `nekotune predict` rows (prompt, prediction = the base model's answer,
+    reference = the persona's) become pairs with data.columns chosen=reference, rejected=prediction."""
+    row = {"prompt": "Hello!", "prediction": "Hi! How can I help?", "reference": "(purrs) Hello, Master! nya~"}
+    (pair,), fmt = to_examples(rows(row), "pairs", columns={"chosen": "reference", "rejected": "prediction"})
+    assert fmt == "pairwise_alpaca" and pair.prompt.turns == [Turn("user", "Hello!")]
+    assert (pair.chosen[0].content, pair.rejected[0].content) == (row["reference"], row["prediction"])
+
+
+def test_persona_dpo_example_is_a_valid_config_apart_from_the_stage_keys():
+    """examples/preference/persona-dpo.yaml: valid today once the keys phase B adds to config.py are set
+    aside, with a stage that resolves and a column mapping that turns `nekotune predict` output into pairs."""
+    from pathlib import Path
+
+    import yaml
+
+    from nekotune.config import validate
+    from nekotune.preference import resolve_stage
+
+    path = Path(__file__).parents[1] / "examples" / "preference" / "persona-dpo.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    stage_keys = {k: raw["train"].pop(k) for k in ("stage", "pref_beta", "pref_loss")}
+    assert resolve_stage(stage_keys["stage"], stage_keys["pref_loss"]) == ("dpo", "sigmoid")
+    cfg = validate(raw, str(path))
+    row = {"prompt": "Hello!", "prediction": "Hi.", "reference": "(purrs) Hello, Master! nya~"}
+    (pair,), _ = to_examples(rows(row), "pairs", columns=cfg.data.columns)
+    assert pair.chosen[0].content == row["reference"] and pair.rejected[0].content == row["prediction"]

@@ -45,32 +45,21 @@ class Stage:
         return (3 * self.grad_rows + self.nograd_rows) / 3
 
 
-def _dpo() -> type:
-    return _trainer_classes()["dpo"]
-
-
-def _orpo() -> type:
-    return _trainer_classes()["orpo"]
-
-
-def _simpo() -> type:
-    return _trainer_classes()["simpo"]
-
-
-def _kto() -> type:
-    return _trainer_classes()["kto"]
+def _trl(stage: str) -> Callable[[], type]:
+    """The stage's trainer class, built (and TRL imported) on first use."""
+    return lambda: _trainer_classes()[stage]
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "sft", grad_rows=1, nograd_rows=0),
     Stage("pt", "text", grad_rows=1, nograd_rows=0),
     # policy chosen + rejected with gradients, the same two through the reference
-    Stage("dpo", "pairs", grad_rows=2, nograd_rows=2, reference=True, default_beta=0.1, trainer=_dpo),
+    Stage("dpo", "pairs", grad_rows=2, nograd_rows=2, reference=True, default_beta=0.1, trainer=_trl("dpo")),
     # no reference; TRL's CPO/ORPO compute log-probs from full logits
-    Stage("orpo", "pairs", grad_rows=2, nograd_rows=0, full_logits=True, default_beta=0.1, trainer=_orpo),
-    Stage("simpo", "pairs", grad_rows=2, nograd_rows=0, full_logits=True, default_beta=2.0, trainer=_simpo),
+    Stage("orpo", "pairs", grad_rows=2, nograd_rows=0, full_logits=True, default_beta=0.1, trainer=_trl("orpo")),
+    Stage("simpo", "pairs", grad_rows=2, nograd_rows=0, full_logits=True, default_beta=2.0, trainer=_trl("simpo")),
     # one answer with gradients; no-grad: the policy on the mismatched (KL) answer, the reference on both
-    Stage("kto", "kto", grad_rows=1, nograd_rows=3, reference=True, default_beta=0.1, trainer=_kto),
+    Stage("kto", "kto", grad_rows=1, nograd_rows=3, reference=True, default_beta=0.1, trainer=_trl("kto")),
 )}
 PREFERENCE_STAGES = tuple(name for name, s in STAGES.items() if s.trainer is not None)
 
@@ -300,7 +289,9 @@ def build_preference_trainer(stage: str, model: Any, tokenizer: Any, train_rows:
     if not hasattr(model, "peft_config"):
         raise ValueError("preference stages train a LoRA PeftModel (build_peft_model or a loaded SFT adapter)")
     if "ref" in model.peft_config:
-        raise UserError("the model already holds an adapter named `ref`; TRL reserves that name for the reference")
+        raise ValueError("the model already holds an adapter named `ref`; TRL reserves that name for the reference")
+    if settings.reference not in ("base", "sft"):
+        raise ValueError(f"reference must be base or sft, got {settings.reference!r}")
     rows = list(train_rows)
     if stage == "kto":
         # KTO samples in order (its KL pairs are fixed blocks of one batch): shuffle once, with the seed
@@ -396,24 +387,40 @@ def plot_run(history: list[dict], run: str | Path) -> None:
 
 
 # -- held-out evaluation: `nekotune eval PAIRS --model RUN` ----------------------------------------
-def sequence_logp(model: Any, prompt_ids: list[int], answer_ids: list[int]) -> float:
-    """Summed log-probability of the answer tokens after the prompt, with nekotune's chunked
-    cross-entropy (no [length, vocab] logits tensor)."""
+def sequence_logps(model: Any, sequences: list[tuple[list[int], list[int]]], pad_id: int,
+                   batch_size: int = 8) -> list[float]:
+    """Summed log-probability of each answer after its prompt, for (prompt_ids, answer_ids) pairs: one
+    right-padded forward per batch (padding after a row cannot change its causal attention), then
+    nekotune's chunked cross-entropy on the answer positions only (no [rows, length, vocab] logits)."""
     import torch
 
     from nekotune.train import _ce_sum, causal_lm, loss_chunk
 
     lm = causal_lm(model)
     device = next(lm.parameters()).device
-    ids = torch.tensor([prompt_ids + answer_ids], device=device)
-    hidden = lm.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0, len(prompt_ids) - 1:-1]
     weight = lm.get_output_embeddings().weight
-    return -_ce_sum(hidden, weight, ids[0, len(prompt_ids):], loss_chunk(weight.shape[0]), grads=False)[0].item()
+    chunk = loss_chunk(weight.shape[0])
+    out = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    for start in range(0, len(order), batch_size):
+        rows = [sequences[i] for i in order[start:start + batch_size]]
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for j, (p, a) in enumerate(rows):
+            ids[j, :len(p) + len(a)] = torch.tensor(p + a, device=device)
+            mask[j, :len(p) + len(a)] = 1
+        hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        for j, (p, a) in enumerate(rows):
+            h = hidden[j, len(p) - 1:len(p) + len(a) - 1]
+            out[order[start + j]] = -_ce_sum(h, weight, ids[j, len(p):len(p) + len(a)], chunk, grads=False)[0].item()
+    return out
 
 
-def _side_logps(model: Any, rows: list) -> list[tuple[float, float]]:
-    return [(sequence_logp(model, r.prompt_ids, r.chosen_ids), sequence_logp(model, r.prompt_ids, r.rejected_ids))
-            for r in rows]
+def _side_logps(model: Any, rows: list, pad_id: int) -> list[tuple[float, float]]:
+    seqs = [(r.prompt_ids, side) for r in rows for side in (r.chosen_ids, r.rejected_ids)]
+    logps = sequence_logps(model, seqs, pad_id)
+    return list(zip(logps[0::2], logps[1::2], strict=True))
 
 
 def preference_eval(model: Any, renderer: Any, pairs: list, beta: float = 0.1,
@@ -434,19 +441,21 @@ def preference_eval(model: Any, renderer: Any, pairs: list, beta: float = 0.1,
     kept = [r for r in rows if r is not None and r.chosen_ids != r.rejected_ids]
     if not kept:
         raise UserError("no pair left to evaluate (each is identical or longer than data.max_seq_len)")
+    tok = renderer.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast_for(model):
-            policy = _side_logps(model, kept)
+            policy = _side_logps(model, kept, pad_id)
             if ref_adapter is None:
                 with model.disable_adapter():
-                    reference = _side_logps(model, kept)
+                    reference = _side_logps(model, kept, pad_id)
             else:
                 active = model.active_adapter
                 model.set_adapter(ref_adapter)
                 try:
-                    reference = _side_logps(model, kept)
+                    reference = _side_logps(model, kept, pad_id)
                 finally:
                     model.set_adapter(active)
     finally:
@@ -455,4 +464,6 @@ def preference_eval(model: Any, renderer: Any, pairs: list, beta: float = 0.1,
     n = len(kept)
     return {"reward_accuracy": sum(c > r for c, r in rewards) / n, "mean_margin": sum(c - r for c, r in rewards) / n,
             "reward_chosen": sum(c for c, _ in rewards) / n, "reward_rejected": sum(r for _, r in rewards) / n,
+            # how often the policy itself gives the chosen answer the higher log-probability (no reference)
+            "policy_prefers_chosen": sum(p[0] > p[1] for p in policy) / n,
             "n": n, "skipped": len(pairs) - n, "beta": beta, "reference": ref_adapter or "base"}

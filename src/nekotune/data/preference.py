@@ -160,14 +160,18 @@ def pair_from_trl_messages(row: Row) -> PreferencePair:
     return PreferencePair(prompt, [_one_message(row, "chosen")], [_one_message(row, "rejected")], row.where)
 
 
+def _conversation_list(row: Row, key: str) -> list:
+    value = row.data.get(key)
+    if not isinstance(value, list) or len(value) < 2:
+        raise UserError(f"{row.where}: `{key}` must be a whole conversation (a list of turns ending with the "
+                        f"answer) when the row has no `prompt`")
+    return value
+
+
 def pair_from_implicit(row: Row) -> PreferencePair:
     """TRL's implicit prompt: `chosen` and `rejected` are whole conversations; the prompt is what they
     share (as TRL's extract_prompt takes it), and each must differ only in its last assistant turn."""
-    chosen, rejected = row.data.get("chosen"), row.data.get("rejected")
-    for key, value in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(value, list) or len(value) < 2:
-            raise UserError(f"{row.where}: `{key}` must be a whole conversation (a list of turns ending with the "
-                            f"answer) when the row has no `prompt`")
+    chosen, rejected = _conversation_list(row, "chosen"), _conversation_list(row, "rejected")
     shared = 0
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
         shared += 1

@@ -147,7 +147,8 @@ def split_examples(items: list, val_size: float, seed: int) -> tuple[list, list]
 
 
 def _encode_all(encoder: PreferenceEncoder, items: list[Example]) -> tuple[list, Counter]:
-    out, counts = [], Counter()
+    out: list[EncodedPair | EncodedKTO] = []
+    counts: Counter = Counter()
     for item in items:
         enc = encoder.encode(item)
         if enc is None:
@@ -265,7 +266,7 @@ def check_preferences(rows: list[Row], renderer: Renderer, kind: str, fmt: str =
         raise UserError(f"{source or 'dataset'}: no rows; the file is empty")
     spec = resolve_format([apply_mapping(rows[0], columns or {})], fmt, kind)
     report = PreferenceReport(source, spec.name, kind, len(rows), renderer.max_seq_len, renderer.truncation)
-    encoder, seen = PreferenceEncoder(renderer), Counter()
+    encoder, seen = PreferenceEncoder(renderer), Counter[str]()
     for raw in rows:
         label = _row_label(raw.where, source)
         try:
