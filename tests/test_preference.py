@@ -144,12 +144,17 @@ def test_dpo_from_an_sft_run_trains_its_adapter_against_the_sft_model(tiny_llama
                             default_to_demo=False), show_progress=False)
     spec = resolve(str(sft))  # model.name_or_path=outputs/sft-run
     cfg = load_config(None, [f"model.name_or_path={sft}"], default_to_demo=False)
-    model = load_model(spec, cfg.model, pick_precision("cpu", "fp32"), training=True)  # the SFT adapter, trainable
-    sft_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     rows = encoded_rows(renderer, "pairs")
-    trainer = build_preference_trainer("dpo", model, tokenizer, rows[:8], rows[8:],
-                                       training_kwargs(tmp_path / "dpo", 2, per_device_eval_batch_size=4),
-                                       PreferenceSettings(reference="sft"), max_length=64)
+
+    def dpo_trainer():
+        model = load_model(spec, cfg.model, pick_precision("cpu", "fp32"), training=True)  # SFT adapter, trainable
+        return build_preference_trainer("dpo", model, tokenizer, rows[:8], rows[8:],
+                                        training_kwargs(tmp_path / "dpo", 2, save_steps=1,
+                                                        per_device_eval_batch_size=4),
+                                        PreferenceSettings(reference="sft"), max_length=64)
+
+    trainer = dpo_trainer()
+    sft_weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B.default" in n}
     assert set(trainer.model.peft_config) == {"default", "ref"}  # TRL's frozen copy of the SFT adapter
     trainer.train()
     first = trainer.state.log_history[0]
@@ -160,6 +165,10 @@ def test_dpo_from_an_sft_run_trains_its_adapter_against_the_sft_model(tiny_llama
 
     save_policy_adapter(trainer.model, tokenizer, tmp_path / "dpo" / "adapter")
     assert not (tmp_path / "dpo" / "adapter" / "ref").exists()
+    assert (tmp_path / "dpo" / "checkpoints" / "checkpoint-1" / "ref").is_dir()  # checkpoints keep the reference
+    resumed = dpo_trainer()  # a new process: the SFT run loaded again, then checkpoint-1
+    resumed.train(resume_from_checkpoint=str(tmp_path / "dpo" / "checkpoints" / "checkpoint-1"))
+    assert losses(resumed.state.log_history) == pytest.approx(losses(trainer.state.log_history), rel=1e-4, abs=1e-5)
     trl = trainer.evaluate()
     pairs = to_examples(alpaca_pair_rows(), "pairs")[0][8:]
     ours = preference_eval(trainer.model, renderer, pairs, beta=0.1, ref_adapter="ref")
