@@ -76,7 +76,7 @@ def policy(spec):
     from nekotune.config import load_config
     from nekotune.model import load_model, pick_precision
     from nekotune.speed import fuse_lora_adds
-    from nekotune.train import build_peft_model
+    from nekotune.training import build_peft_model
 
     cfg = load_config(None, ["lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear"], default_to_demo=False)
     precision = pick_precision("cpu", "auto", training=True)
@@ -87,8 +87,8 @@ def policy(spec):
 def train_dpo(opts, model, precision, tokenizer, renderer, train_rows, out: Path):
     import torch
 
-    from nekotune.preference import PreferenceSettings, build_preference_trainer
-    from nekotune.train import Stats
+    from nekotune.training.callbacks import Stats
+    from nekotune.training.preference import PreferenceSettings, build_preference_trainer
 
     bf16 = precision.autocast == torch.bfloat16
     kwargs = dict(output_dir=str(out / "checkpoints"), per_device_train_batch_size=opts.batch,
@@ -116,7 +116,8 @@ def main(argv: list[str]) -> int:
     from nekotune.data.render import Renderer
     from nekotune.data.sources import Row
     from nekotune.model import ModelSpec, embedded_gguf, gguf_to_hf_dir, load_tokenizer
-    from nekotune.preference import preference_eval, reward_metrics
+    from nekotune.preference import preference_eval
+    from nekotune.training.rewards import reward_metrics
     from train_bench import machine, matmul_gflops
 
     opts = options(argv)

@@ -30,7 +30,7 @@ def tiny_policy(tiny_llama: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nekotune.train import build_peft_model
+    from nekotune.training import build_peft_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     torch.manual_seed(0)

@@ -10,9 +10,13 @@ from nekotune.data.preference import to_examples
 from nekotune.data.preference_tokens import PreferenceEncoder
 from nekotune.data.render import Renderer
 from nekotune.errors import UserError
-from nekotune.preference import (STAGES, PreferenceSettings, build_preference_trainer, plot_run, plot_rewards,
-                                 preference_eval, resolve_stage, reward_metrics, save_policy_adapter, trl_config)
-from nekotune.train import Interrupt, Stats, last_checkpoint, make_callbacks
+from nekotune.preference import preference_eval
+from nekotune.training.callbacks import TrainReporter
+from nekotune.training.preference import (STAGES, PreferenceSettings, build_preference_trainer, resolve_stage,
+                                          save_policy_adapter, trl_config)
+from nekotune.training.rewards import plot_rewards, plot_run, reward_metrics
+from nekotune.training.callbacks import Interrupt, Stats, make_callbacks
+from nekotune.runs import last_checkpoint
 from preference_fixtures import alpaca_pair_rows, losses, tiny_policy, training_kwargs
 
 
@@ -53,8 +57,8 @@ def _stop_after(step):
 def _trainer(stage, tiny_llama, tokenizer, rows, out, steps, interrupt=None, stop_at=None):
     """What the recipe will build: nekotune's callbacks and Stats around the stage's TRL trainer."""
     stats = Stats()
-    interrupt = interrupt or Interrupt()
-    callbacks = make_callbacks(stats, False, interrupt)
+    interrupt = interrupt or Interrupt(TrainReporter())
+    callbacks = make_callbacks(stats, TrainReporter(), False, interrupt)
     if stop_at:
         callbacks.append(_stop_after(stop_at)(interrupt))
     return build_preference_trainer(stage, tiny_policy(tiny_llama), tokenizer, rows, None,
@@ -71,7 +75,7 @@ def test_stage_trains_resumes_exactly_and_saves_an_adapter(stage, tiny_llama, to
     assert len(expected) == 3 and all(torch.isfinite(torch.tensor(v)) for v in expected.values())
 
     run = tmp_path / "run"
-    interrupt = Interrupt()
+    interrupt = Interrupt(TrainReporter())
     first = _trainer(stage, tiny_llama, tokenizer, rows, run, steps=3, interrupt=interrupt, stop_at=1)
     first.train()
     assert interrupt.requested and first.state.global_step == 1
@@ -138,7 +142,7 @@ def test_dpo_from_an_sft_run_trains_its_adapter_against_the_sft_model(tiny_llama
     from conftest import tiny_overrides
     from nekotune.config import load_config
     from nekotune.model import load_model, pick_precision, resolve
-    from nekotune.train import train
+    from nekotune.training import train
 
     sft = train(load_config(None, tiny_overrides(tiny_llama, qa_file, tmp_path / "sft", **{"train.max_steps": 2}),
                             default_to_demo=False), show_progress=False)

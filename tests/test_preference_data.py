@@ -239,7 +239,7 @@ def test_persona_dpo_example_is_a_valid_config_apart_from_the_stage_keys():
     import yaml
 
     from nekotune.config import validate
-    from nekotune.preference import resolve_stage
+    from nekotune.training.preference import resolve_stage
 
     path = Path(__file__).parents[1] / "examples" / "preference" / "persona-dpo.yaml"
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))

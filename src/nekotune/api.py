@@ -53,16 +53,24 @@ def _arg(model: str | os.PathLike | None) -> str | None:
 
 
 # -- training --------------------------------------------------------------------------------
-def train(cfg: Config, *, stage: str = "sft", reporter: TrainReporter | None = None, show_progress: bool = True,
+def train(cfg: Config, *, stage: str | None = None, reporter: TrainReporter | None = None, show_progress: bool = True,
           after_train: Callable[[Any, Any, Path], None] | None = None, stop_flag: Any = None,
           callbacks: list | None = None) -> Run:
     """Fine-tune as `nekotune train` does and return the run directory.
 
+    `stage` (default train.stage): sft, pt, dpo, orpo, simpo, kto (registry.TRAINING_STAGES).
     `reporter` hears the progress (subclass nekotune.training.TrainReporter); `stop_flag`, any
     object with a `requested` attribute, stops after the current step when it turns true."""
+    if stage is not None and stage != cfg.train.stage:
+        if stage not in TRAINING_STAGES:
+            raise UserError(f"training stage {stage!r} is not one of {', '.join(TRAINING_STAGES)}")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stage": stage})})
+    stage = cfg.train.stage
     if stage not in TRAINING_STAGES:
         raise UserError(f"training stage {stage!r} is not one of {', '.join(TRAINING_STAGES)}")
     recipe = TRAINING_STAGES[stage]
+    if recipe.formats and cfg.data.format == "auto":  # train.stage=pt: the rows are plain text
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": recipe.formats[0]})})
     if recipe.formats and cfg.data.format not in recipe.formats:
         raise UserError(f"training stage {stage} trains on data.format {' or '.join(recipe.formats)}; "
                         f"set data.format={recipe.formats[0]}")

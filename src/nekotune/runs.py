@@ -294,10 +294,15 @@ def is_disk_full(exc: BaseException, where: Path) -> bool:
 
 
 # -- choosing the run directory --------------------------------------------------------------
+RESUME_MUST_MATCH: tuple[str, ...]  # issue 18 extends it below
 RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "data.format", "data.columns",
                      "data.max_seq_len", "data.system_prompt", "data.val_size", "lora.r", "lora.alpha",
                      "lora.target_modules", "lora.modules_to_save", "lora.use_dora", "lora.use_rslora",
                      "train.batch_size", "train.grad_accum", "train.seed")
+# issue 18: the same objective too; a run saved before these keys existed was an SFT run with the defaults
+RESUME_DEFAULTS = {"train.stage": "sft", "train.pref_beta": None, "train.pref_loss": "sigmoid",
+                   "train.pref_ftx": 0.0, "train.simpo_gamma": 0.5}
+RESUME_MUST_MATCH += tuple(RESUME_DEFAULTS)
 
 
 def check_resume_compatible(cfg: Any, run: Path) -> None:
@@ -307,6 +312,7 @@ def check_resume_compatible(cfg: Any, run: Path) -> None:
     now = cfg.to_dict()
     for key in RESUME_MUST_MATCH:
         a, b = _dig(saved, key), _dig(now, key)
+        a = RESUME_DEFAULTS.get(key) if a is None else a
         if a != b:
             raise UserError(f"cannot resume {run}: {key} was {a!r} and is now {b!r}; use the same config "
                             f"or start a new run (output.dir=...)")

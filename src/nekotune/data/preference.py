@@ -13,8 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from nekotune.data.formats import (ANSWER_KEYS, QUESTION_KEYS, SHAREGPT_ROLES, Conversation, Turn, apply_mapping,
-                                   from_alpaca, from_messages, from_sharegpt)
+from nekotune.data.formats import (
+    ANSWER_KEYS,
+    QUESTION_KEYS,
+    SHAREGPT_ROLES,
+    Conversation,
+    Turn,
+    apply_mapping,
+    from_alpaca,
+    from_messages,
+    from_sharegpt,
+)
 from nekotune.data.sources import Row, read_rows
 from nekotune.errors import UserError
 

@@ -17,11 +17,19 @@ from typing import Any
 
 from nekotune.data import percentile
 from nekotune.data.formats import Conversation, Turn, apply_mapping
-from nekotune.data.preference import (Example, KTOExample, PreferencePair, load_examples, preference_format_name,
-                                      resolve_format, unpair)
+from nekotune.data.preference import (
+    Example,
+    KTOExample,
+    PreferencePair,
+    load_examples,
+    preference_format_name,
+    resolve_format,
+    unpair,
+)
 from nekotune.data.render import IGNORE, Encoded, Renderer
 from nekotune.data.sources import Row, read_rows
 from nekotune.errors import UserError
+
 
 @dataclass
 class EncodedPair:
@@ -196,12 +204,19 @@ def prepare_preference(data_cfg: Any, renderer: Renderer, kind: str, seed: int) 
         "path": path, "format": fmt, "kind": kind, "rows": len(items), "train_rows": len(train),
         "eval_rows": len(evals), "truncated_rows": counts["truncated"], "dropped_rows": counts["dropped"],
         "identical_pairs": counts["identical"], "tokens": sum(e.tokens for e in train),
+        "trained_tokens": sum(_answer_tokens(e) for e in train),
         "length_p50": percentile(lengths, 50), "length_p95": percentile(lengths, 95), "length_max": max(lengths),
     }
     if kind == "kto":
-        stats["desirable"] = sum(1 for e in train if e.label)  # type: ignore[union-attr]
+        stats["desirable"] = sum(1 for e in train if e.label)
         stats["undesirable"] = len(train) - stats["desirable"]
     return PreparedPreference(train, evals, fmt, kind, stats)
+
+
+def _answer_tokens(enc: EncodedPair | EncodedKTO) -> int:
+    if isinstance(enc, EncodedPair):
+        return len(enc.chosen_ids) + len(enc.rejected_ids)
+    return len(enc.completion_ids)
 
 
 def longest(enc: EncodedPair | EncodedKTO) -> int:

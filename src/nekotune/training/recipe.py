@@ -139,8 +139,12 @@ def _is_rank0() -> bool:
 
 
 def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTrain | None, stop_flag: Any,
-              callbacks: list | None, reporter: TrainReporter) -> Path:
+              callbacks: list | None, reporter: TrainReporter, stage: Any = None) -> Path:
+    """`stage`: another recipe's prepare/make_trainer/save_results (preference_recipe.py); default SFT's."""
     import torch
+
+    prepare, make_trainer, save_results = (_prepare, _make_trainer, _save_results) if stage is None else (
+        stage.prepare, stage.make_trainer, stage.save_results)
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -150,13 +154,13 @@ def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTra
     resume_from = resume_checkpoint(cfg, run)
     if resume_from:
         check_resume_compatible(cfg, run)
-    parts = _prepare(cfg, run, rank0, reporter)
+    parts = prepare(cfg, run, rank0, reporter)
     run.mkdir(parents=True, exist_ok=True)
     if rank0:
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
     stats = Stats()
     interrupt = stop_flag if stop_flag is not None else Interrupt(reporter)
-    trainer = _make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks, reporter)
+    trainer = make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks, reporter)
     try:
         with (interrupt if stop_flag is None else contextlib.nullcontext()):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -172,7 +176,7 @@ def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTra
     if interrupt.requested:
         raise TrainingInterrupted(run, last_checkpoint(run))
     if rank0:
-        _save_results(cfg, run, parts, trainer, stats)
+        save_results(cfg, run, parts, trainer, stats)
         if after_train is not None:
             after_train(parts.model, parts.renderer, run)
     return run
@@ -270,13 +274,19 @@ LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy"
 
 def training_args(cfg: Config, run: Path, precision: Any, data: PreparedData, grad_ckpt: bool) -> Any:
     """The Trainer's arguments: every choice the recipe makes is here, in one constructor call."""
-    import torch
     from transformers import TrainingArguments
+
+    return TrainingArguments(**training_kwargs(cfg, run, precision, data, grad_ckpt))
+
+
+def training_kwargs(cfg: Config, run: Path, precision: Any, data: Any, grad_ckpt: bool) -> dict:
+    """training_args' keywords; the preference stages pass them to TRL's configs (TrainingArguments')."""
+    import torch
 
     steps_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum))
     eval_strategy = "no" if not data.eval else ("steps" if cfg.train.eval_steps else "epoch")
     t = cfg.train
-    return TrainingArguments(
+    return dict(
         output_dir=str(run / "checkpoints"),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, num_train_epochs=t.epochs,
