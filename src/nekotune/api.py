@@ -31,6 +31,7 @@ from nekotune.runs import Run
 if TYPE_CHECKING:
     from nekotune.compare import CompareResult
     from nekotune.data.check import CheckReport
+    from nekotune.data.preference_tokens import PreferenceReport
     from nekotune.evaluation import EvalResult, PredictResult
     from nekotune.export.gguf import ExportResult
     from nekotune.export.ollama import OllamaResult
@@ -82,9 +83,12 @@ def train(cfg: Config, *, stage: str | None = None, reporter: TrainReporter | No
 
 
 def check_data(file: str | os.PathLike, cfg: Config | None = None, model: str | os.PathLike | None = None,
-               ) -> CheckReport:
-    """`nekotune data check`: every row converted, rendered and measured with the model's tokenizer."""
+               ) -> CheckReport | PreferenceReport:
+    """`nekotune data check`: every row converted, rendered and measured with the model's tokenizer;
+    a preference file (chosen/rejected pairs, KTO rows, or any file under a preference train.stage)
+    gives a PreferenceReport."""
     from nekotune.data.check import check_file
+    from nekotune.data.preference import preference_kind
     from nekotune.model import load_tokenizer, resolve
 
     cfg = _cfg(cfg)
@@ -93,6 +97,15 @@ def check_data(file: str | os.PathLike, cfg: Config | None = None, model: str | 
         source = resolve(_arg(model) or cfg.model.name_or_path)
         return load_tokenizer(source, cfg.model), source.base
 
+    kind = preference_kind(os.fspath(file), cfg.data, cfg.train.stage)
+    if kind is not None:  # issue 18
+        from nekotune.data.preference_tokens import check_preference_file
+        from nekotune.data.render import Renderer
+
+        tok, where = tokenizer()
+        report = check_preference_file(os.fspath(file), cfg.data, Renderer.from_config(tok, cfg.data), kind)
+        report.tokenizer = where
+        return report
     return check_file(os.fspath(file), cfg.data, tokenizer)
 
 
@@ -152,9 +165,16 @@ def load(model: str | os.PathLike | None = None, cfg: Config | None = None, engi
 def evaluate(model: str | os.PathLike | None, file: str | os.PathLike, cfg: Config | None = None, *,
              out: str | os.PathLike | None = None, baseline: bool = False, limit: int | None = None,
              generate: bool = True) -> EvalResult:
-    """`nekotune eval`: loss, perplexity and BLEU/ROUGE/chrF, written to `out` (default <run>/eval)."""
+    """`nekotune eval`: loss, perplexity and BLEU/ROUGE/chrF, written to `out` (default <run>/eval); on a
+    preference file (chosen/rejected pairs), held-out reward accuracy and margin against the run's reference."""
+    from nekotune.data.preference import preference_kind
     from nekotune.evaluation import evaluate as run_eval
 
+    cfg = _cfg(cfg)
+    if Path(file).is_file() and preference_kind(os.fspath(file), cfg.data, "sft") is not None:  # issue 18
+        from nekotune.preference import evaluate_pairs
+
+        return evaluate_pairs(cfg, _arg(model), os.fspath(file), _arg(out))
     return run_eval(_cfg(cfg), _arg(model), os.fspath(file), out_dir=_arg(out), baseline=baseline, limit=limit,
                     generate=generate)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from nekotune.errors import UserError
@@ -88,3 +89,61 @@ def preference_eval(model: Any, renderer: Any, pairs: list, beta: float = 0.1,
             # how often the policy itself gives the chosen answer the higher log-probability (no reference)
             "policy_prefers_chosen": sum(p[0] > p[1] for p in policy) / n,
             "n": n, "skipped": len(pairs) - n, "beta": beta, "reference": ref_adapter or "base"}
+
+
+def _reference_of(source: Any) -> tuple[float, Optional[str]]:
+    """(beta, SFT adapter or None) of the run behind --model: run.json of a preference run names its beta
+    and reference; any other adapter (an SFT run) is measured against its base with DPO's beta 0.1."""
+    from nekotune.registry import TRAINING_STAGES
+
+    metrics = source.run.metrics if source.run is not None else {}
+    stage = TRAINING_STAGES.get(str(metrics.get("stage")))
+    # the stages without a reference (orpo, simpo) have another beta scale: report DPO's for comparison
+    beta = float(metrics.get("pref_beta") or 0.1) if stage is not None and stage.reference else 0.1
+    if metrics.get("reference") != "sft":
+        return beta, None
+    adapter = str(metrics.get("reference_adapter") or "")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{source.run_dir} was tuned against the SFT adapter {adapter or '(unnamed)'}, which is "
+                        f"gone; restore it to measure rewards against it")
+    return beta, adapter
+
+
+def evaluate_pairs(cfg: Any, model_arg: Optional[str], file: str, out_dir: Optional[str] = None) -> Any:
+    """`nekotune eval PAIRS --model RUN`: held-out reward accuracy and margin against the run's reference,
+    written to `out_dir` (default <run>/eval) as pair_eval.json and pair_eval.md."""
+    from nekotune.data.preference import load_examples
+    from nekotune.evaluation import EvalResult
+    from nekotune.io import atomic_write_json, atomic_write_text
+    from nekotune.model import load_for_inference, require_safetensors_adapter
+
+    loaded = load_for_inference(cfg, model_arg)
+    if not loaded.spec.adapter:
+        raise UserError("eval on preference pairs measures an adapter against its reference; give --model a run "
+                        "or an adapter directory")
+    beta, sft_adapter = _reference_of(loaded.spec)
+    pairs, fmt = load_examples(file, loaded.cfg.data, "pairs")
+    if sft_adapter is not None:
+        require_safetensors_adapter(sft_adapter)
+        loaded.model.load_adapter(sft_adapter, adapter_name="ref")
+    metrics = preference_eval(loaded.model, loaded.renderer, pairs, beta=beta,
+                              ref_adapter="ref" if sft_adapter else None)
+    if sft_adapter:
+        metrics["reference"] = sft_adapter
+    results = {"model": loaded.spec.label, "file": file, "format": fmt, **metrics}
+    out = Path(out_dir) if out_dir else Path(loaded.spec.run_dir or ".") / "eval"
+    summary = pairs_markdown(results)
+    atomic_write_json(out / "pair_eval.json", results)
+    atomic_write_text(out / "pair_eval.md", summary)
+    return EvalResult(results, out / "pair_eval.json", out / "pair_eval.md", summary)
+
+
+def pairs_markdown(r: dict) -> str:
+    rows = [("reward accuracy (chosen > rejected)", f"{r['reward_accuracy']:.3f}"),
+            ("mean margin", f"{r['mean_margin']:.4f}"), ("mean reward chosen", f"{r['reward_chosen']:.4f}"),
+            ("mean reward rejected", f"{r['reward_rejected']:.4f}"),
+            ("policy prefers chosen (no reference)", f"{r['policy_prefers_chosen']:.3f}"),
+            ("pairs (skipped)", f"{r['n']} ({r['skipped']})"), ("reference", str(r["reference"])),
+            ("beta", str(r["beta"]))]
+    return "\n".join([f"{r['model']} on {r['file']}", "", "| metric | value |", "|---|---|",
+                      *(f"| {k} | {v} |" for k, v in rows)])

@@ -309,3 +309,25 @@ def load_examples(path: str, data_cfg: Any, kind: str, fmt: str | None = None,
 
 def preference_format_name(data_format: str, explicit: str | None = None) -> str:
     return explicit or (data_format if data_format in PREFERENCE_FORMATS else "auto")
+
+
+def preference_kind(path: str, data_cfg: Any, stage: str) -> str | None:
+    """"pairs" or "kto" when `path` is a preference file, None for an SFT/text file (data check, eval):
+    the stage's kind for a preference train.stage (registry.TRAINING_STAGES), else what the first row looks
+    like: chosen + rejected, or a boolean label/kto_tag (a non-boolean `label` column stays SFT data)."""
+    from nekotune.registry import TRAINING_STAGES
+
+    spec = TRAINING_STAGES.get(stage)
+    if spec is not None and spec.preference:
+        return spec.data
+    rows = read_rows(path, split=data_cfg.split, max_rows=1)
+    if not rows:
+        return None
+    first = apply_mapping(rows[0], data_cfg.columns).data
+    name = detect_preference_format(first)
+    if name is None:
+        return None
+    kind = PREFERENCE_FORMATS[name].kind
+    if kind == "kto" and not isinstance(first.get(_key_of(first, LABEL_KEYS) or ""), bool):
+        return None
+    return kind

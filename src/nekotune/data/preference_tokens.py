@@ -246,6 +246,7 @@ class PreferenceReport:
     desirable: int = 0
     undesirable: int = 0
     example: list[tuple[str, bool]] = field(default_factory=list)  # (text, trained) of the first chosen answer
+    tokenizer: str = ""  # where the tokenizer that measured the lengths came from
 
     @property
     def bad_rows(self) -> int:
