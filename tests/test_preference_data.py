@@ -231,21 +231,15 @@ def test_predict_output_maps_to_pairs():
     assert (pair.chosen[0].content, pair.rejected[0].content) == (row["reference"], row["prediction"])
 
 
-def test_persona_dpo_example_is_a_valid_config_apart_from_the_stage_keys():
-    """examples/preference/persona-dpo.yaml: valid today once the keys phase B adds to config.py are set
-    aside, with a stage that resolves and a column mapping that turns `nekotune predict` output into pairs."""
+def test_persona_dpo_example_loads_with_its_stage_keys():
+    """examples/persona-dpo.yaml through the real config: a DPO stage, and a column mapping that turns
+    `nekotune predict` output into pairs."""
     from pathlib import Path
 
-    import yaml
+    from nekotune.config import load_config
 
-    from nekotune.config import validate
-    from nekotune.training.preference import resolve_stage
-
-    path = Path(__file__).parents[1] / "examples" / "preference" / "persona-dpo.yaml"
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    stage_keys = {k: raw["train"].pop(k) for k in ("stage", "pref_beta", "pref_loss")}
-    assert resolve_stage(stage_keys["stage"], stage_keys["pref_loss"]) == ("dpo", "sigmoid")
-    cfg = validate(raw, str(path))
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "persona-dpo.yaml")
+    assert (cfg.train.stage, cfg.train.pref_beta, cfg.train.pref_loss) == ("dpo", 0.1, "sigmoid")
     row = {"prompt": "Hello!", "prediction": "Hi.", "reference": "(purrs) Hello, Master! nya~"}
     (pair,), _ = to_examples(rows(row), "pairs", columns=cfg.data.columns)
     assert pair.chosen[0].content == row["reference"] and pair.rejected[0].content == row["prediction"]
