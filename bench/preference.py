@@ -75,8 +75,8 @@ def policy(spec):
     """A fresh LoRA the way nekotune's recipe builds one (bf16 weights + autocast where the CPU has bf16)."""
     from nekotune.config import load_config
     from nekotune.model import load_model, pick_precision
-    from nekotune.speed import fuse_lora_adds
     from nekotune.training import build_peft_model
+    from nekotune.training.speed import fuse_lora_adds
 
     cfg = load_config(None, ["lora.r=16", "lora.alpha=32", "lora.target_modules=all-linear"], default_to_demo=False)
     precision = pick_precision("cpu", "auto", training=True)
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     from nekotune.data.preference_tokens import PreferenceEncoder
     from nekotune.data.render import Renderer
     from nekotune.data.sources import Row
-    from nekotune.model import ModelSpec, embedded_gguf, gguf_to_hf_dir, load_tokenizer
+    from nekotune.model import ModelSource, embedded_gguf, gguf_to_hf_dir, load_tokenizer
     from nekotune.preference import preference_eval
     from nekotune.training.rewards import reward_metrics
     from train_bench import machine, matmul_gflops
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     load = os.getloadavg()
     gflops = {d: round(matmul_gflops(d, seconds=2.0), 1) for d in ("float32", "bfloat16")}
-    spec = ModelSpec(base=str(gguf_to_hf_dir(embedded_gguf())))
+    spec = ModelSource(base=str(gguf_to_hf_dir(embedded_gguf())))
     tokenizer = load_tokenizer(spec)
     renderer = Renderer(tokenizer, max_seq_len=192)
 

@@ -125,8 +125,8 @@ def test_dpo_with_validation_pairs_then_eval_data_check_and_estimate(tiny_llama,
 
 
 def test_dpo_from_an_sft_run_is_a_run_like_any_other(tiny_llama, qa_file, pairs_file, tmp_path):
-    sft = nekotune.train(_cfg(*tiny_overrides(tiny_llama, qa_file, tmp_path / "sft", **{"train.max_steps": 2})),
-                         show_progress=False)
+    sft = nekotune.train(_cfg(*tiny_overrides(tiny_llama, qa_file, tmp_path / "sft", **{"train.max_steps": 2}),
+                              "data.system_prompt=You are Neko."), show_progress=False)
     dpo = nekotune.train(_cfg(*_overrides(tiny_llama, pairs_file, tmp_path / "dpo", "dpo",
                                           **{"model.name_or_path": str(sft), "train.max_steps": 2})),
                          show_progress=False)
@@ -134,11 +134,14 @@ def test_dpo_from_an_sft_run_is_a_run_like_any_other(tiny_llama, qa_file, pairs_
     first = dpo.metrics["rewards"][0]
     assert first["margins"] == 0.0  # the policy starts as the SFT model, which is the reference
     assert not (dpo.adapter / "ref").exists()
+    assert dpo.config()["data"]["system_prompt"] == "You are Neko."  # pairs rendered as the SFT data was
 
     result = nekotune.evaluate(dpo, pairs_file, _cfg("data.max_seq_len=64")).results
     assert result["reference"] == str(sft.adapter) and result["n"] == len(PAIRS)
     merged = nekotune.merge(dpo, tmp_path / "merged")
     assert (Path(merged.out) / "config.json").is_file()
+    gguf = nekotune.export_gguf(dpo, tmp_path / "dpo.gguf", "f16")
+    assert gguf.gguf.stat().st_size > 0 and gguf.source == str(dpo)
     answer = nekotune.load(dpo, _cfg("generate.max_new_tokens=4")).generate("Question number 1?", temperature=0)
     assert isinstance(answer, str)
 

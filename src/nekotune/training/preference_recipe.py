@@ -33,6 +33,7 @@ def train(cfg: Config, show_progress: bool = True, after_train: R.AfterTrain | N
           callbacks: list | None = None, reporter: TrainReporter | None = None) -> Path:
     """Preference-tune and return the run directory; the arguments are recipe.train's."""
     resolve_stage(cfg.train.stage, cfg.train.pref_loss)  # a bad pref_loss is refused before the run dir exists
+    cfg = with_sft_prompt(cfg)
     run, lock = R.claim_run_dir(cfg)
     try:
         return R._train_in(run, cfg, show_progress, after_train, stop_flag, callbacks, reporter or TrainReporter(),
@@ -40,6 +41,17 @@ def train(cfg: Config, show_progress: bool = True, after_train: R.AfterTrain | N
     finally:
         if lock is not None:
             lock.release()
+
+
+def with_sft_prompt(cfg: Config) -> Config:
+    """Starting from an SFT run: its system prompt and thinking mode unless this config sets them, so pairs
+    render as the SFT data did, and config.yaml (what chat with the new run renders with) says so."""
+    from nekotune.model import resolve
+
+    data = (resolve(cfg.model.name_or_path or None).run_config or {}).get("data") or {}
+    update = {k: data[k] for k in ("system_prompt", "enable_thinking")
+              if isinstance(data, dict) and data.get(k) is not None and k not in cfg.data.model_fields_set}
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)}) if update else cfg
 
 
 @dataclass
