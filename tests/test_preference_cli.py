@@ -156,6 +156,15 @@ def test_pt_stage_trains_plain_text_with_format_auto(tiny_llama, tmp_path):
     assert (run.adapter / "adapter_model.safetensors").is_file()
 
 
+def test_the_sft_recipe_hands_preference_stages_to_their_recipe(monkeypatch, tmp_path):
+    import nekotune.training.preference_recipe as P
+    from nekotune.training import train
+
+    seen = []
+    monkeypatch.setattr(P, "train", lambda cfg, *args: seen.append(cfg.train.stage) or tmp_path)
+    assert train(_cfg("train.stage=simpo"), show_progress=False) == tmp_path and seen == ["simpo"]
+
+
 # -- config keys and errors: one line each ---------------------------------------------------------
 def test_llama_factory_names_and_train_keys(tmp_path):
     cfg = _cfg("stage=dpo", "pref_beta=0.2", "pref_loss=ipo", "train.simpo_gamma=0.7")

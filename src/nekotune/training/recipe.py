@@ -20,6 +20,7 @@ from nekotune.config import Config
 from nekotune.data import PreparedData, Renderer, prepare
 from nekotune.errors import UserError
 from nekotune.io import atomic_write_text
+from nekotune.registry import PREFERENCE_STAGES
 from nekotune.runs import (
     check_resume_compatible,
     claim_run_dir,
@@ -53,6 +54,10 @@ def train(cfg: Config, show_progress: bool = True, after_train: AfterTrain | Non
     `stop_flag` (anything with a `requested` attribute) stops training after the current step
     instead of Ctrl-C; `callbacks` are extra transformers TrainerCallbacks. The run directory is
     locked for the whole call (see runs.py): a second process is refused."""
+    if cfg.train.stage in PREFERENCE_STAGES:  # issue 18: for callers of this function itself
+        from nekotune.training.preference_recipe import train as preference_train
+
+        return preference_train(cfg, show_progress, after_train, stop_flag, callbacks, reporter)
     run, lock = claim_run_dir(cfg)
     try:
         return _train_in(run, cfg, show_progress, after_train, stop_flag, callbacks, reporter or TrainReporter())
