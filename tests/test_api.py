@@ -56,8 +56,8 @@ def test_the_api_says_what_it_refuses(tmp_path):
     import nekotune
 
     cfg = nekotune.Config.load(None, ["data.format=qa"])
-    with pytest.raises(nekotune.UserError, match="training stage 'dpo' is not one of sft, pt"):
-        nekotune.train(cfg, stage="dpo")
+    with pytest.raises(nekotune.UserError, match="training stage 'ppo' is not one of sft, pt, dpo, orpo, simpo, kto"):
+        nekotune.train(cfg, stage="ppo")
     with pytest.raises(nekotune.UserError, match="trains on data.format text"):
         nekotune.train(cfg, stage="pt")
     with pytest.raises(nekotune.UserError, match="inference engine 'vllm' is not one of transformers"):

@@ -31,6 +31,7 @@ from nekotune.runs import Run
 if TYPE_CHECKING:
     from nekotune.compare import CompareResult
     from nekotune.data.check import CheckReport
+    from nekotune.data.preference_tokens import PreferenceReport
     from nekotune.evaluation import EvalResult, PredictResult
     from nekotune.export.gguf import ExportResult
     from nekotune.export.ollama import OllamaResult
@@ -53,16 +54,24 @@ def _arg(model: str | os.PathLike | None) -> str | None:
 
 
 # -- training --------------------------------------------------------------------------------
-def train(cfg: Config, *, stage: str = "sft", reporter: TrainReporter | None = None, show_progress: bool = True,
+def train(cfg: Config, *, stage: str | None = None, reporter: TrainReporter | None = None, show_progress: bool = True,
           after_train: Callable[[Any, Any, Path], None] | None = None, stop_flag: Any = None,
           callbacks: list | None = None) -> Run:
     """Fine-tune as `nekotune train` does and return the run directory.
 
+    `stage` (default train.stage): sft, pt, dpo, orpo, simpo, kto (registry.TRAINING_STAGES).
     `reporter` hears the progress (subclass nekotune.training.TrainReporter); `stop_flag`, any
     object with a `requested` attribute, stops after the current step when it turns true."""
+    if stage is not None and stage != cfg.train.stage:
+        if stage not in TRAINING_STAGES:
+            raise UserError(f"training stage {stage!r} is not one of {', '.join(TRAINING_STAGES)}")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"stage": stage})})
+    stage = cfg.train.stage
     if stage not in TRAINING_STAGES:
         raise UserError(f"training stage {stage!r} is not one of {', '.join(TRAINING_STAGES)}")
     recipe = TRAINING_STAGES[stage]
+    if recipe.formats and cfg.data.format == "auto":  # train.stage=pt: the rows are plain text
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": recipe.formats[0]})})
     if recipe.formats and cfg.data.format not in recipe.formats:
         raise UserError(f"training stage {stage} trains on data.format {' or '.join(recipe.formats)}; "
                         f"set data.format={recipe.formats[0]}")
@@ -74,9 +83,12 @@ def train(cfg: Config, *, stage: str = "sft", reporter: TrainReporter | None = N
 
 
 def check_data(file: str | os.PathLike, cfg: Config | None = None, model: str | os.PathLike | None = None,
-               ) -> CheckReport:
-    """`nekotune data check`: every row converted, rendered and measured with the model's tokenizer."""
+               ) -> CheckReport | PreferenceReport:
+    """`nekotune data check`: every row converted, rendered and measured with the model's tokenizer;
+    a preference file (chosen/rejected pairs, KTO rows, or any file under a preference train.stage)
+    gives a PreferenceReport."""
     from nekotune.data.check import check_file
+    from nekotune.data.preference import preference_kind
     from nekotune.model import HubChoice, resolve
     from nekotune.model.load import load_renderer
 
@@ -86,6 +98,16 @@ def check_data(file: str | os.PathLike, cfg: Config | None = None, model: str | 
         source = resolve(_arg(model) or cfg.model.name_or_path, hub=HubChoice.of(cfg.model))
         return load_renderer(source, cfg)[1], source.base  # a VLM's renderer counts its image tokens
 
+    kind = preference_kind(os.fspath(file), cfg.data, cfg.train.stage)
+    if kind is not None:  # issue 18
+        from nekotune.data.preference_tokens import check_preference_file
+        from nekotune.data.render import Renderer
+
+        tok, where = tokenizer()
+        renderer = tok if isinstance(tok, Renderer) else Renderer.from_config(tok, cfg.data)
+        report = check_preference_file(os.fspath(file), cfg.data, renderer, kind)
+        report.tokenizer = where
+        return report
     return check_file(os.fspath(file), cfg.data, tokenizer)
 
 
@@ -145,9 +167,16 @@ def load(model: str | os.PathLike | None = None, cfg: Config | None = None, engi
 def evaluate(model: str | os.PathLike | None, file: str | os.PathLike, cfg: Config | None = None, *,
              out: str | os.PathLike | None = None, baseline: bool = False, limit: int | None = None,
              generate: bool = True) -> EvalResult:
-    """`nekotune eval`: loss, perplexity and BLEU/ROUGE/chrF, written to `out` (default <run>/eval)."""
+    """`nekotune eval`: loss, perplexity and BLEU/ROUGE/chrF, written to `out` (default <run>/eval); on a
+    preference file (chosen/rejected pairs), held-out reward accuracy and margin against the run's reference."""
+    from nekotune.data.preference import preference_kind
     from nekotune.evaluation import evaluate as run_eval
 
+    cfg = _cfg(cfg)
+    if Path(file).is_file() and preference_kind(os.fspath(file), cfg.data, "sft") is not None:  # issue 18
+        from nekotune.preference import evaluate_pairs
+
+        return evaluate_pairs(cfg, _arg(model), os.fspath(file), _arg(out))
     return run_eval(_cfg(cfg), _arg(model), os.fspath(file), out_dir=_arg(out), baseline=baseline, limit=limit,
                     generate=generate)
 

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     _rest(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("eval", help="eval loss, perplexity, BLEU/ROUGE/chrF")
+    p = sub.add_parser("eval", help="eval loss, perplexity, BLEU/ROUGE/chrF; on chosen/rejected pairs: held-out "
+                       "reward accuracy and margin against the run's reference")
     p.add_argument("file")
     p.add_argument("--out", default=None, help="directory for eval_results.json and summary.md")
     p.add_argument("--baseline", action="store_true", help="also evaluate the base model")

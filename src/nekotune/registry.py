@@ -30,13 +30,47 @@ class TrainingStage:
     recipe: str  # "module:function" taking (cfg, ...) like nekotune.training.train
     description: str
     formats: tuple[str, ...] = ()  # data formats it trains on; empty: any
+    # issue 18 (preference tuning): what a step costs, read by the recipe, `estimate` and the docs
+    data: str = "sft"  # "sft" conversations | "text" | "pairs" (chosen + rejected) | "kto" (answer + label)
+    grad_rows: int = 1  # sequences per example through forward + backward
+    nograd_rows: int = 0  # sequences per example through a no-grad forward (reference, KL)
+    full_logits: bool = False  # materialises [rows, length, vocab] logits (TRL's CPO/ORPO)
+    reference: bool = False  # needs a reference model (base with the adapter disabled, or the SFT model)
+    default_beta: float | None = None  # train.pref_beta when unset
+
+    @property
+    def preference(self) -> bool:
+        return self.data in ("pairs", "kto")
+
+    @property
+    def step_cost(self) -> float:
+        """Compute per example relative to one SFT sequence of the same length (a forward is 1, forward +
+        backward 3). DPO: 2.67; measured 2.62 on SmolLM2 (docs/preference.md)."""
+        return (3 * self.grad_rows + self.nograd_rows) / 3
 
 
+PREFERENCE_RECIPE = "nekotune.training.preference_recipe:train"
 TRAINING_STAGES: dict[str, TrainingStage] = {s.name: s for s in (
     TrainingStage("sft", "nekotune.training.recipe:train", "supervised fine-tuning: the answers are trained"),
     TrainingStage("pt", "nekotune.training.recipe:train", "continued pre-training: every token of plain text "
-                  "is trained", formats=("text",)),
+                  "is trained", formats=("text",), data="text"),
+    # policy chosen + rejected with gradients, the same two through the reference
+    TrainingStage("dpo", PREFERENCE_RECIPE, "DPO on chosen/rejected pairs (TRL), reference: the base with the "
+                  "adapter disabled", data="pairs", grad_rows=2, nograd_rows=2, reference=True, default_beta=0.1),
+    # no reference; TRL's CPO/ORPO compute log-probs from full logits
+    TrainingStage("orpo", PREFERENCE_RECIPE, "ORPO on pairs (TRL): SFT on chosen + odds-ratio term, no reference",
+                  data="pairs", grad_rows=2, full_logits=True, default_beta=0.1),
+    TrainingStage("simpo", PREFERENCE_RECIPE, "SimPO on pairs (TRL's CPO trainer): length-normalised, no "
+                  "reference", data="pairs", grad_rows=2, full_logits=True, default_beta=2.0),
+    # one answer with gradients; no-grad: the policy on the mismatched (KL) answer, the reference on both
+    TrainingStage("kto", PREFERENCE_RECIPE, "KTO on answers labelled desirable/undesirable (TRL), or on pairs",
+                  data="kto", grad_rows=1, nograd_rows=3, reference=True, default_beta=0.1),
 )}
+PREFERENCE_STAGES = tuple(n for n, s in TRAINING_STAGES.items() if s.preference)
+# DPOConfig.loss_type values that trained with LoRA on pre-tokenized rows (TRL 1.16); train.pref_loss
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 
 # -- GGUF types: --type names -> what export/gguf.py writes ------------------------------------

@@ -308,8 +308,11 @@ RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "d
                      "data.max_seq_len", "data.system_prompt", "data.val_size", "lora.r", "lora.alpha",
                      "lora.target_modules", "lora.modules_to_save", "lora.use_dora", "lora.use_rslora",
                      "train.batch_size", "train.grad_accum", "train.seed")
-# issue 16: keys that change the rows or their source, with the value a run saved before they existed
-RESUME_NEW_KEYS = {"data.repeat": 1, "data.hub": None, "model.hub": None}
+# issue 16 (rows, their source) and issue 18 (the objective): keys that must match too, with the
+# value a run saved before they existed had
+RESUME_NEW_KEYS = {"data.repeat": 1, "data.hub": None, "model.hub": None,
+                   "train.stage": "sft", "train.pref_beta": None, "train.pref_loss": "sigmoid",
+                   "train.pref_ftx": 0.0, "train.simpo_gamma": 0.5}
 
 
 def check_resume_compatible(cfg: Any, run: Path) -> None:

@@ -37,8 +37,12 @@ def _print(arch: Any, s: Any, est: Any, result: dict) -> None:
         table.add_row(k, f"{v:,.0f}")
     table.add_row("[bold]total[/]", f"[bold]{est.total_mb:,.0f}[/] ({est.total_mb / 1024:.1f} GB)")
     console.print(table)
-    console.print(f"a plain transformers loss would hold {result['plain_hf_loss_logits_mb']:,.0f} MB of fp32 logits "
-                  f"here; nekotune's chunked loss holds {est.items['logits + loss']:,.0f} MB")
+    if "logits + loss" in est.items:
+        console.print(f"a plain transformers loss would hold {result['plain_hf_loss_logits_mb']:,.0f} MB of fp32 "
+                      f"logits here; nekotune's chunked loss holds {est.items['logits + loss']:,.0f} MB")
+    if s.stage != "sft":  # issue 18: a preference example is several sequences
+        console.print(f"train.stage={s.stage}: {s.grad_rows} sequence(s) per example with gradients, {s.nograd_rows} "
+                      f"without (reference/KL); about {result['step_cost_vs_sft']}x the compute of SFT per example")
     if "vision" in result:  # issue 17
         v = result["vision"]
         console.print(f"images ({v['family']}): at most {v['max_tokens_per_image']:,} tokens per image at "

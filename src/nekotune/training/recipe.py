@@ -20,6 +20,7 @@ from nekotune.config import Config
 from nekotune.data import PreparedData, Renderer, prepare
 from nekotune.errors import UserError
 from nekotune.io import atomic_write_text
+from nekotune.registry import PREFERENCE_STAGES
 from nekotune.runs import (
     check_resume_compatible,
     claim_run_dir,
@@ -52,6 +53,10 @@ def train(cfg: Config, show_progress: bool = True, after_train: AfterTrain | Non
     `stop_flag` (anything with a `requested` attribute) stops training after the current step
     instead of Ctrl-C; `callbacks` are extra transformers TrainerCallbacks. The run directory is
     locked for the whole call (see runs.py): a second process is refused."""
+    if cfg.train.stage in PREFERENCE_STAGES:  # issue 18: for callers of this function itself
+        from nekotune.training.preference_recipe import train as preference_train
+
+        return preference_train(cfg, show_progress, after_train, stop_flag, callbacks, reporter)
     run, lock = claim_run_dir(cfg)
     try:
         return _train_in(run, cfg, show_progress, after_train, stop_flag, callbacks, reporter or TrainReporter())
@@ -70,6 +75,7 @@ class _Parts:
     precision: Any
     grad_ckpt: bool
     speed: dict
+    plans: Any = None  # the _Plans the Trainer was built with (issue 16), set by make_trainer
 
 
 def _prepare(cfg: Config, run: Path, rank0: bool, reporter: TrainReporter) -> _Parts:
@@ -139,11 +145,11 @@ def _plans(cfg: Config, run: Path, data: PreparedData) -> _Plans:
 
 
 def _make_trainer(cfg: Config, run: Path, parts: _Parts, stats: Stats, interrupt: Any, live: bool,
-                  callbacks: list | None, reporter: TrainReporter) -> tuple[Any, _Plans]:
+                  callbacks: list | None, reporter: TrainReporter) -> Any:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     data = parts.data
-    plans = _plans(cfg, run, data)
+    plans = parts.plans = _plans(cfg, run, data)
     all_callbacks = (make_callbacks(stats, reporter, live and _is_rank0(), interrupt) + plans.checkpoints.callbacks
                      + plans.trackers.callbacks + list(callbacks or []))
     examples, collator = _examples_and_collator(cfg, parts)
@@ -153,7 +159,7 @@ def _make_trainer(cfg: Config, run: Path, parts: _Parts, stats: Stats, interrupt
         data_collator=collator, callbacks=all_callbacks, stats=stats, nan_policy=cfg.train.nan_policy)
     for cb in (ProgressCallback, PrinterCallback):  # the reporter shows progress instead
         trainer.remove_callback(cb)
-    return trainer, plans
+    return trainer
 
 
 def _examples_and_collator(cfg: Config, parts: _Parts) -> tuple[Callable[[list], Any], Any]:
@@ -180,8 +186,12 @@ def _is_rank0() -> bool:
 
 
 def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTrain | None, stop_flag: Any,
-              callbacks: list | None, reporter: TrainReporter) -> Path:
+              callbacks: list | None, reporter: TrainReporter, stage: Any = None) -> Path:
+    """`stage`: another recipe's prepare/make_trainer/save_results (preference_recipe.py); default SFT's."""
     import torch
+
+    prepare, make_trainer, save_results = (_prepare, _make_trainer, _save_results) if stage is None else (
+        stage.prepare, stage.make_trainer, stage.save_results)
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -191,13 +201,13 @@ def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTra
     resume_from = resume_checkpoint(cfg, run)
     if resume_from:
         check_resume_compatible(cfg, run)
-    parts = _prepare(cfg, run, rank0, reporter)
+    parts = prepare(cfg, run, rank0, reporter)
     run.mkdir(parents=True, exist_ok=True)
     if rank0:
         atomic_write_text(run / "config.yaml", cfg.to_yaml())
     stats = Stats()
     interrupt = stop_flag if stop_flag is not None else Interrupt(reporter)
-    trainer, plans = _make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks, reporter)
+    trainer = make_trainer(cfg, run, parts, stats, interrupt, show_progress, callbacks, reporter)
     try:
         with (interrupt if stop_flag is None else contextlib.nullcontext()):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -213,17 +223,17 @@ def _train_in(run: Path, cfg: Config, show_progress: bool, after_train: AfterTra
     if interrupt.requested:
         raise TrainingInterrupted(run, last_checkpoint(run))
     if rank0:
-        _save_results(cfg, run, parts, trainer, stats, plans)
+        save_results(cfg, run, parts, trainer, stats)
         if after_train is not None:
             after_train(parts.model, parts.renderer, run)
     return run
 
 
-def _save_results(cfg: Config, run: Path, parts: _Parts, trainer: Any, stats: Stats, plans: _Plans) -> None:
+def _save_results(cfg: Config, run: Path, parts: _Parts, trainer: Any, stats: Stats) -> None:
     from nekotune.checkpointing import best_fields, stop_message
 
     # with train.load_best the Trainer has loaded the best checkpoint's weights: adapter/ is the best
-    best = best_fields(trainer.state, run, plans.checkpoints)
+    best = best_fields(trainer.state, run, parts.plans.checkpoints)
     message = stop_message(best, trainer.state.max_steps)
     if message:
         log.warning("%s", message)
@@ -322,16 +332,23 @@ LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy"
 
 def training_args(cfg: Config, run: Path, precision: Any, data: PreparedData, grad_ckpt: bool,
                   plans: _Plans | None = None) -> Any:
-    """The Trainer's arguments: every choice the recipe makes is here, in one constructor call.
+    """The Trainer's arguments: every choice the recipe makes is here, in one constructor call."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**training_kwargs(cfg, run, precision, data, grad_ckpt, plans))
+
+
+def training_kwargs(cfg: Config, run: Path, precision: Any, data: Any, grad_ckpt: bool,
+                    plans: _Plans | None = None) -> dict:
+    """training_args' keywords; the preference stages pass them to TRL's configs (TrainingArguments').
     `plans`: the schedule/best-checkpoint/early-stopping and tracker choices (made from the config
     when not given)."""
     import torch
-    from transformers import TrainingArguments
 
     plans = plans or _plans(cfg, run, data)
     steps_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * cfg.train.grad_accum))
     t = cfg.train
-    return TrainingArguments(
+    return dict(
         output_dir=str(run / "checkpoints"),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, num_train_epochs=t.epochs,

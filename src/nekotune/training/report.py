@@ -40,7 +40,8 @@ def losses(history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int
 
 
 def write_run_json(cfg: Config, run: Path, data_stats: dict, state: Any, stats: Any, precision: Any,
-                   grad_ckpt: bool, base_model: str, speed: dict) -> None:
+                   grad_ckpt: bool, base_model: str, speed: dict, extra: dict | None = None) -> None:
+    """`extra`: what a stage adds (a preference stage: its objective and reward metrics)."""
     import peft
     import torch
     import transformers
@@ -62,7 +63,7 @@ def write_run_json(cfg: Config, run: Path, data_stats: dict, state: Any, stats: 
         "skipped_steps": stats.skipped_steps,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
     }
-    atomic_write_json(run / "run.json", info)
+    atomic_write_json(run / "run.json", {**info, **(extra or {})})
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

@@ -77,11 +77,12 @@ class TrainingJob:
             self.state.update(changes)
 
     def _run(self, cfg) -> None:
-        from nekotune.training import TrainingInterrupted, train
+        from nekotune.api import train  # dispatches by train.stage (issue 18), as `nekotune train` does
+        from nekotune.training import TrainingInterrupted
 
         try:
             run = train(cfg, show_progress=False, stop_flag=self.flag, callbacks=[self._callback()])
-            self._update(status="finished", run=str(run), message=f"adapter: {run / 'adapter'}")
+            self._update(status="finished", run=str(run), message=f"adapter: {run.adapter}")
         except TrainingInterrupted as exc:
             self._update(status="stopped", run=str(exc.run), message=f"checkpoint: {exc.checkpoint or '-'}")
         except UserError as exc:
