@@ -11,7 +11,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None

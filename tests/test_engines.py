@@ -14,11 +14,12 @@ import threading
 
 import pytest
 import torch
-from engine_fixtures import (HAS_LLAMA_CPP, cfg, engine_bases, gguf_cache, make_adapter,  # noqa: F401  (fixtures)
-                             needs_llama_cpp, prompts, renderer)
+from engine_fixtures import HAS_LLAMA_CPP, cfg, make_adapter, needs_llama_cpp
 
 from nekotune.errors import UserError
 from nekotune.generate import GenSettings
+
+pytest_plugins = ["engine_fixtures"]
 
 GREEDY = GenSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
 
@@ -202,7 +203,7 @@ def test_lora_gguf_on_llamacpp_answers_as_the_merged_model(built, renderer, prom
         got = engine.generate_batch(prompts, GREEDY, renderer.stop_token_ids, adapter="neko")
         base = engine.generate_batch(prompts, GREEDY, renderer.stop_token_ids)
     assert got == want
-    assert sum(a != b for a, b in zip(got, base)) >= len(prompts) - 1  # the adapter changes the answers
+    assert sum(a != b for a, b in zip(got, base, strict=True)) >= len(prompts) - 1  # the adapter changes the answers
     if arch == "llama-rslora":
         return  # f32 above checks the folded scales exactly; f16 activation rounding parts near-ties here
     hf16 = TransformersEngine(_f16_weights(_hf(item["base"], [adapter])), renderer.tokenizer, {"neko": "a0"})
@@ -214,7 +215,7 @@ def test_lora_gguf_on_llamacpp_answers_as_the_merged_model(built, renderer, prom
 @needs_llama_cpp
 def test_adapters_switch_per_request_on_one_loaded_model(built, renderer, prompts):
     item = built["llama"]
-    loras = dict(zip(("a", "b"), item["loras"]))
+    loras = dict(zip(("a", "b"), item["loras"], strict=True))
     fresh = {}
     for name in (None, "a", "b"):
         with _llama(item["gguf"], renderer.tokenizer, {name: loras[name]} if name else None) as engine:

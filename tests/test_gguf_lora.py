@@ -13,9 +13,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from engine_fixtures import engine_bases, gguf_cache, make_adapter  # noqa: F401  (fixtures)
+from engine_fixtures import make_adapter
 
 from nekotune.errors import UserError
+
+pytest_plugins = ["engine_fixtures"]
 
 
 def _config(base):

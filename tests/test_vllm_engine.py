@@ -11,9 +11,11 @@ import json
 import shlex
 
 import pytest
-from engine_fixtures import engine_bases, make_adapter  # noqa: F401  (fixtures)
+from engine_fixtures import make_adapter
 
 from nekotune.errors import UserError
+
+pytest_plugins = ["engine_fixtures"]
 
 
 @pytest.fixture(scope="module")

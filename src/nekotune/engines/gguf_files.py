@@ -13,7 +13,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from nekotune.errors import UserError
 
@@ -26,8 +26,8 @@ class LlamaCppFiles:
     gguf_type: str
     merged: bool
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> LoRA GGUF
-    renderer: object = None  # the Renderer the run trained with (effective config): prompts and stop ids
-    cfg: object = None  # the effective config (the run's generate settings under the user's)
+    renderer: Any = None  # the Renderer the run trained with (effective config): prompts and stop ids
+    cfg: Any = None  # the effective config (the run's generate settings under the user's)
 
 
 def default_gguf_type(n_params: int) -> str:
@@ -52,7 +52,7 @@ def _model_gguf(source, gguf_type: str, merged: bool, revision: str | None) -> P
     from nekotune.export.gguf_cache import cached_gguf, model_files
     from nekotune.merge import local_model_dir
 
-    spec = source.spec
+    spec: Any = source.spec
     sources = model_files(local_model_dir(spec.base, revision))
     if merged and spec.adapter:
         sources += model_files(spec.adapter)
@@ -79,19 +79,21 @@ def llamacpp_files(cfg, model_arg: str | None, gguf_type: str = "auto", merge: b
     from nekotune.merge import local_model_dir
 
     source = prepare(cfg, model_arg)
-    spec = source.spec
-    base_dir = local_model_dir(spec.base, source.cfg.model.revision)
+    spec: Any = source.spec
+    effective: Any = source.cfg
+    revision = effective.model.revision
+    base_dir = local_model_dir(spec.base, revision)
     if gguf_type == "auto":
         gguf_type = default_gguf_type(count_parameters(base_dir))
     if merge:
         if adapters:
             raise UserError("a merged GGUF holds one adapter; serve extra adapters on base + LoRA GGUFs")
-        return LlamaCppFiles(_model_gguf(source, gguf_type, True, source.cfg.model.revision), gguf_type, True,
+        return LlamaCppFiles(_model_gguf(source, gguf_type, True, revision), gguf_type, True,
                              renderer=source.renderer, cfg=source.cfg)
     from nekotune.model import ModelSpec, resolve
 
     base_source = replace(source, spec=ModelSpec(base=spec.base))
-    model = _model_gguf(base_source, gguf_type, False, source.cfg.model.revision)
+    model = _model_gguf(base_source, gguf_type, False, revision)
     loras: dict[str, Path] = {}
     if spec.adapter:
         from nekotune.serve.pool import safe_name

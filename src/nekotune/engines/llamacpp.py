@@ -30,7 +30,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Generator, Iterator, Mapping, Sequence
 
 from nekotune.engines.base import Detokenizer, check_adapter
 from nekotune.errors import UserError
@@ -103,15 +103,54 @@ def _model_params(lib, use_extra_bufts: bool):
             high.llama_cpp.llama_model_default_params = original
 
 
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY, _GGUF_U32, _GGUF_U64 = 8, 9, 4, 10
+
+
 def gguf_context_length(path: Path) -> int | None:
-    import gguf
+    """`<arch>.context_length` from a GGUF's header, or None.
+
+    Read by hand because gguf.GGUFReader builds a numpy view per vocabulary string (14 s for
+    SmolLM2's 49k tokens here), and llama.cpp's vocabulary-only load prints its whole log."""
+    import struct
+
+    def read(fmt: str):
+        size = struct.calcsize(fmt)
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError("truncated")
+        return struct.unpack(fmt, data)
+
+    def skip(vtype: int) -> None:
+        if vtype == _GGUF_STRING:
+            fh.seek(read("<Q")[0], 1)
+        elif vtype == _GGUF_ARRAY:
+            etype, count = read("<IQ")
+            for _ in range(count) if etype in (_GGUF_STRING, _GGUF_ARRAY) else ():
+                skip(etype)
+            if etype not in (_GGUF_STRING, _GGUF_ARRAY):
+                fh.seek(_GGUF_SCALAR_SIZES[etype] * count, 1)
+        else:
+            fh.seek(_GGUF_SCALAR_SIZES[vtype], 1)
 
     try:
-        reader = gguf.GGUFReader(path)
-        arch = str(reader.fields["general.architecture"].contents())
-        return int(reader.fields[f"{arch}.context_length"].contents())
-    except Exception:  # not ours or unusual: llama.cpp itself will say what is wrong
-        return None
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return None
+            _version, _tensors, n_kv = read("<IQQ")
+            arch = None
+            for _ in range(n_kv):
+                key = fh.read(read("<Q")[0]).decode("utf-8", "replace")
+                (vtype,) = read("<I")
+                if key == "general.architecture" and vtype == _GGUF_STRING:
+                    arch = fh.read(read("<Q")[0]).decode("utf-8", "replace")
+                elif arch and key == f"{arch}.context_length" and vtype in (_GGUF_U32, _GGUF_U64):
+                    return int(read("<I" if vtype == _GGUF_U32 else "<Q")[0])
+                else:
+                    skip(vtype)
+    except (OSError, ValueError, KeyError, struct.error):
+        pass  # not a GGUF we can read: llama.cpp's own load says what is wrong
+    return None
 
 
 class _Sampler:
@@ -159,8 +198,10 @@ class LlamaCppEngine:
         self.options = options = options or LlamaCppOptions()
         self.model_path = Path(model_path)
         self.threads = options.n_threads or default_threads()
-        trained = gguf_context_length(self.model_path) or DEFAULT_N_CTX
-        self.n_ctx = min(options.n_ctx or DEFAULT_N_CTX, trained)
+        if not self.model_path.is_file():
+            raise UserError(f"{self.model_path}: GGUF file not found")
+        trained = gguf_context_length(self.model_path)
+        self.n_ctx = min(options.n_ctx or DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
         self.repack = (not has_amx(self.lib)) if options.repack is None else options.repack
         self.llm = self._load()
         self._handles: dict[str, object] = {}
@@ -180,8 +221,6 @@ class LlamaCppEngine:
         kwargs = dict(model_path=str(self.model_path), n_ctx=self.n_ctx, n_batch=o.n_batch, n_threads=self.threads,
                       n_threads_batch=o.n_threads_batch or self.threads, n_gpu_layers=gpu, logits_all=False,
                       verbose=False, **o.extra)
-        if not self.model_path.is_file():
-            raise UserError(f"{self.model_path}: GGUF file not found")
         try:
             with _model_params(self.lib, use_extra_bufts=self.repack):
                 return self.lib.Llama(**kwargs)
@@ -226,7 +265,8 @@ class LlamaCppEngine:
         return min(settings.max_new_tokens, room)
 
     def generate_ids(self, prompt_ids: Sequence[int], settings: GenSettings, stop_ids: Sequence[int],
-                     stop_event: threading.Event | None = None, adapter: str | None = None) -> Iterator[int]:
+                     stop_event: threading.Event | None = None,
+                     adapter: str | None = None) -> Generator[int, None, None]:
         """The answer's token ids (the stop token not included), one at a time."""
         check_adapter(adapter, self.adapters)
         budget = self._budget(prompt_ids, settings)
