@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nekotune.errors import UserError
 
@@ -96,7 +97,7 @@ def _tied_message(where: Path) -> str:
             f"instead: nekotune export gguf --model {where.parent}")
 
 
-def lora_pairs(adapter, base_config: dict, arch: str) -> tuple[list[tuple[str, object, object]], float | None]:
+def lora_pairs(adapter, base_config: dict, arch: str) -> tuple[list[tuple[str, Any, Any]], float | None]:
     """[(GGUF base tensor name, lora_a, lora_b)] as float32 torch tensors, and the one alpha that
     expresses every tensor's scale (None: scales folded into lora_b)."""
     from nekotune.export.gguf import gguf_tensors, prepare_tensor
