@@ -14,6 +14,7 @@ BENCHES = [
     ("memory estimate vs measured peak (issue #6)", "estimate_memory.py"),
     ("low-memory merge peak RSS vs bound (issue #4)", "merge_memory.py"),
     ("per-example attention variants, bf16 on CPU (issue #7)", "attention.py"),
+    ("inference engines: transformers, llama.cpp, llama_cpp.server (issue #19)", "inference.py"),
 ]
 
 

@@ -232,6 +232,31 @@ def test_adapters_switch_per_request_on_one_loaded_model(built, renderer, prompt
 
 
 @needs_llama_cpp
+def test_prompt_prefix_reuse_keeps_the_answers_of_a_cold_start(built, renderer, prompts):
+    """A chat's next turn, and prompts that share the system prompt, reuse the cached prefix."""
+    from nekotune.data.formats import Conversation, Turn
+
+    item, stop = built["llama"], renderer.stop_token_ids
+    with _llama(item["gguf"], renderer.tokenizer, reuse_prefix=False) as cold:
+        first = cold.generate_batch(prompts[:1], GREEDY, stop)[0]
+        turn2 = renderer.prompt_ids(Conversation(turns=[Turn("user", "What is the capital of France?"),
+                                                        Turn("assistant", first), Turn("user", "And of Italy?")]))
+        series = [prompts[0], turn2, prompts[1], prompts[2], prompts[1]]
+        want = [cold.generate_batch([p], GREEDY, stop)[0] for p in series]
+    with _llama(item["gguf"], renderer.tokenizer) as warm:
+        evaluated: list[int] = []
+        original = warm.llm.eval
+        warm.llm.eval = lambda tokens: (evaluated.append(len(tokens)), original(tokens))[1]
+        got = []
+        for p in series:
+            evaluated.clear()
+            got.append(warm.generate_batch([p], GREEDY, stop)[0])
+            if p is not series[0]:
+                assert evaluated[0] < len(p) // 2  # most of the prompt came from the cache
+    assert got == want
+
+
+@needs_llama_cpp
 def test_sampling_is_seeded_by_its_own_rng(built, renderer, prompts):
     item = built["llama"]
     settings = GenSettings(max_new_tokens=32, temperature=1.5, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=7)

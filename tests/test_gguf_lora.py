@@ -192,6 +192,28 @@ def test_cached_lora_gguf_is_reused(engine_bases, tmp_path, gguf_cache):
     assert cached_lora_gguf(adapter, base) != first
 
 
+def test_export_lora_command_checks_model_and_output(engine_bases, tmp_path):
+    from engine_fixtures import cfg
+
+    from nekotune.export.gguf_lora import export_lora
+
+    base = engine_bases["llama"]
+    adapter = make_adapter(base, tmp_path / "ad")
+    out = tmp_path / "neko-lora.gguf"
+    result = export_lora(cfg(), str(adapter), out)
+    assert result.path == out and _read(out)[0]["general.name"] == "ad"
+    assert export_lora(cfg(), str(adapter), out).path == out  # its own earlier output may be replaced
+    foreign = tmp_path / "other.gguf"
+    foreign.write_bytes(b"not ours")
+    for model, target, needle in ((str(adapter), foreign, "not written by nekotune"),
+                                  (str(base), tmp_path / "x.gguf", "holds no LoRA adapter"),
+                                  (str(adapter), tmp_path / "x.bin", "should name a .gguf file"),
+                                  (str(adapter), adapter / "inside.gguf", "inside")):
+        with pytest.raises(UserError, match=needle):
+            export_lora(cfg(), model, target)
+    assert foreign.read_bytes() == b"not ours"
+
+
 def test_ollama_adapter_support_follows_its_runner():
     from nekotune.export.gguf_lora import ollama_takes_adapter
 

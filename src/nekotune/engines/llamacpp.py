@@ -11,9 +11,10 @@ Why nekotune drives the decode loop itself instead of calling `Llama.generate`:
 - stop ids come from nekotune's Renderer, not from the GGUF's eos/eot metadata.
 
 Adapters: llama.cpp applies one adapter set to a whole context, and a KV cache computed under
-one adapter is wrong under another, so every call takes the lock, switches if needed and starts
-from an empty cache. One Llama is not thread-safe: generations are serialised, as in
-llama-cpp-python's own server.
+one adapter is wrong under another, so a switch empties the cache. Under one adapter, a prompt
+that starts like the previous one (the system prompt, an earlier chat turn) reuses that part of
+the cache, as llama-cpp-python's server does. One Llama is not thread-safe: every call takes the
+lock, so generations are serialised, as in that server.
 
 On CPUs with AMX, ggml repacks q8_0 (and other quantized) weights into its AMX buffer, after
 which every decode of two or more tokens segfaults in ggml_backend_amx_mul_mat (llama.cpp issue
@@ -79,6 +80,7 @@ class LlamaCppOptions:
     n_batch: int = 512
     repack: bool | None = None  # ggml's weight repacking; None: off where AMX is present
     n_gpu_layers: int | None = None  # None: all layers where the build offloads (Metal, CUDA), else 0
+    reuse_prefix: bool = True  # keep the KV cache of a prompt prefix shared with the previous call
     extra: dict = field(default_factory=dict)  # further Llama() keyword arguments
 
 
@@ -252,7 +254,19 @@ class LlamaCppEngine:
             rc = self.lib.llama_set_adapters_lora(self.llm.ctx, handles, 1, (ctypes.c_float * 1)(1.0))
         if rc:
             raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
+        self.llm.reset()  # the cache was computed under the other adapter: never reuse it
         self._active = adapter
+
+    def _prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Evaluate the prompt, keeping the cached part it shares with what the cache holds."""
+        keep = 0
+        if self.options.reuse_prefix:
+            cached = self.llm.input_ids[:self.llm.n_tokens]
+            limit = min(len(cached), len(prompt_ids) - 1)  # at least one token is evaluated: its logits are sampled
+            while keep < limit and cached[keep] == prompt_ids[keep]:
+                keep += 1
+        self.llm.n_tokens = keep  # Llama.eval drops the cache from here on
+        self.llm.eval(list(prompt_ids[keep:]))
 
     # -- generating ----------------------------------------------------------------------------
     def _budget(self, prompt_ids: Sequence[int], settings: GenSettings) -> int:
@@ -275,8 +289,7 @@ class LlamaCppEngine:
             self._use(adapter)
             sampler = _Sampler(self.lib, self.llm.n_vocab(), self.n_ctx, settings, prompt_ids)
             try:
-                self.llm.reset()  # never reuse a KV prefix: it may come from another adapter
-                self.llm.eval(list(prompt_ids))
+                self._prefill(prompt_ids)
                 for step in range(budget):
                     if stop_event is not None and stop_event.is_set():
                         return
@@ -286,6 +299,9 @@ class LlamaCppEngine:
                     yield token
                     if step + 1 < budget:  # the last token needs no logits after it
                         self.llm.eval([token])
+            except Exception:
+                self.llm.reset()  # a failed decode leaves the cache in an unknown state
+                raise
             finally:
                 sampler.close()
 

@@ -194,6 +194,26 @@ def cached_lora_gguf(adapter_dir: str | Path, base_dir: str | Path, dtype: str =
     return cached_gguf("lora", sources, {"dtype": dtype}, build, slot=str(adapter_dir.resolve()))
 
 
+def export_lora(cfg, model_arg: str | None, out: str | Path, dtype: str = "f16") -> LoraGGUF:
+    """`nekotune export gguf-lora --model RUN --out neko-lora.gguf`: the run's adapter as a LoRA GGUF
+    for the base it was trained on (write that base with `nekotune export gguf` on the base model)."""
+    from nekotune.export.gguf import written_by_nekotune
+    from nekotune.io import check_output_file
+    from nekotune.merge import local_model_dir, resolve_for_merge, source_paths
+
+    out = Path(out).expanduser()
+    if out.suffix != ".gguf" or out.is_dir():
+        raise UserError(f"--out {out} should name a .gguf file, e.g. --out neko-lora.gguf")
+    spec, cfg = resolve_for_merge(cfg, model_arg)
+    if not spec.adapter:
+        raise UserError(f"--model {model_arg or spec.base} holds no LoRA adapter; export gguf-lora converts a run or "
+                        f"adapter directory (a whole model: nekotune export gguf)")
+    base_dir = local_model_dir(spec.base, cfg.model.revision)
+    check_output_file(out, source_paths(spec, base_dir, model_arg), ours=written_by_nekotune)
+    return write_lora_gguf(spec.adapter, _read_json(base_dir / "config.json"), out, dtype,
+                           name=Path(spec.run_dir or spec.adapter).name)
+
+
 def ollama_takes_adapter(arch: str) -> bool:
     """Whether Ollama applies a LoRA GGUF (ADAPTER line) on this architecture; otherwise merge."""
     return arch in OLLAMA_ADAPTER_ARCHS
