@@ -153,12 +153,12 @@ def test_cache_builds_once_and_rebuilds_only_on_change(tmp_path, gguf_cache):
     assert cached_gguf("lora", [src], {"dtype": "f16"}, build, slot="a") == first and len(builds) == 1
     os.utime(src, ns=(1, 1))  # touched, same content: hashed again, same key
     assert cached_gguf("lora", [src], {"dtype": "f16"}, build, slot="a") == first and len(builds) == 1
-    other = cached_gguf("lora", [src], {"dtype": "f32"}, build, slot="b")  # other params: own entry
+    other = cached_gguf("lora", [src], {"dtype": "f32"}, build, slot="a")  # another conversion: its own entry
     assert other != first and len(builds) == 2
     src.write_bytes(b"two")  # new content: a new entry, and the old one of the same slot goes
     second = cached_gguf("lora", [src], {"dtype": "f16"}, build, slot="a")
     assert second != first and second.read_bytes() == b"GGUFtwo" and len(builds) == 3
-    assert not first.exists() and other.exists()
+    assert not first.exists() and other.exists()  # the stale f16 went, the f32 conversion stays
 
 
 def test_cache_leaves_nothing_when_the_build_fails(tmp_path, gguf_cache):

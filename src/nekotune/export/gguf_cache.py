@@ -104,8 +104,10 @@ def cached_gguf(kind: str, sources: Iterable[str | Path], params: Mapping,
 
     `build` writes a complete GGUF to the path it is given; it is renamed into place only when it
     returns, so a crash leaves no half-written entry. `slot` names what an entry stands for (an
-    adapter's directory, say): after a new build, older entries of the same kind and slot are
-    removed, so retraining does not pile up stale copies. Only files this cache wrote are removed."""
+    adapter's directory, say): after a new build, older entries of the same kind, slot and params
+    (the same conversion of sources whose contents changed) are removed, so retraining does not
+    pile up stale copies, while other conversions of the same source (f16 beside q8_0) stay. Only
+    files this cache wrote are removed."""
     from filelock import FileLock
 
     from nekotune.io import atomic_file, atomic_write_json
@@ -124,11 +126,11 @@ def cached_gguf(kind: str, sources: Iterable[str | Path], params: Mapping,
             atomic_write_json(path.with_suffix(".json"), {"kind": kind, "slot": slot, "key": key, "params":
                                                           dict(params), "sources": [str(p) for p in sources],
                                                           "created": time.time()})
-            _prune(root, kind, slot, keep=path)
+            _prune(root, kind, slot, json.loads(json.dumps(dict(params), default=str)), keep=path)
     return path
 
 
-def _prune(root: Path, kind: str, slot: str | None, keep: Path) -> None:
+def _prune(root: Path, kind: str, slot: str | None, params: dict, keep: Path) -> None:
     if slot is None:
         return
     for info in root.glob(f"{kind}-*.json"):
@@ -139,7 +141,7 @@ def _prune(root: Path, kind: str, slot: str | None, keep: Path) -> None:
             meta = json.loads(info.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if meta.get("kind") == kind and meta.get("slot") == slot:
+        if meta.get("kind") == kind and meta.get("slot") == slot and meta.get("params") == params:
             for stale in (target, info, Path(str(target) + ".lock")):
                 try:  # a process still reading the old file keeps it open (POSIX); elsewhere it stays
                     os.unlink(stale)
