@@ -26,39 +26,42 @@ GREEDY = GenSettings(max_new_tokens=20, temperature=0.0, repetition_penalty=1.0)
 
 # -- the registry ------------------------------------------------------------------------------
 def test_auto_picks_llamacpp_on_cpus_and_apple_silicon_only_when_installed(monkeypatch):
-    from nekotune.engines import registry
+    from nekotune.engines import choose
 
-    monkeypatch.setattr(registry, "_llama_cpp_missing", lambda: None)
-    assert registry.pick_engine("auto", "cpu").name == "llama.cpp"
-    monkeypatch.setattr(registry, "apple_silicon", lambda: True)
-    assert registry.pick_engine("auto", "mps").name == "llama.cpp"
-    assert registry.pick_engine("auto", "cuda").name == "transformers"
-    refused = registry.pick_engine("auto", "cpu", llamacpp_refusal="model_type gpt2 has no GGUF export")
+    monkeypatch.setattr(choose, "_llama_cpp_missing", lambda: None)
+    assert choose.pick_engine("auto", "cpu").name == "llama.cpp"
+    monkeypatch.setattr(choose, "apple_silicon", lambda: True)
+    assert choose.pick_engine("auto", "mps").name == "llama.cpp"
+    assert choose.pick_engine("auto", "cuda").name == "transformers"
+    refused = choose.pick_engine("auto", "cpu", llamacpp_refusal="model_type gpt2 has no GGUF export")
     assert refused.name == "transformers" and "gpt2" in refused.reason
-    monkeypatch.setattr(registry, "_llama_cpp_missing", lambda: "llama-cpp-python is not installed")
-    choice = registry.pick_engine("auto", "cpu")
+    monkeypatch.setattr(choose, "_llama_cpp_missing", lambda: "llama-cpp-python is not installed")
+    choice = choose.pick_engine("auto", "cpu")
     assert choice.name == "transformers" and "nekotune[llamacpp]" in choice.reason
 
 
 def test_explicit_engine_choices_and_refusals(monkeypatch):
-    from nekotune.engines import registry
+    from nekotune.engines import choose
 
-    assert registry.CHOICES == ("auto", "transformers", "llama.cpp", "vllm")
-    assert registry.pick_engine("transformers", "cpu").name == "transformers"
+    from nekotune.registry import ENGINE_CHOICES, ENGINES
+
+    assert choose.CHOICES == ENGINE_CHOICES == ("auto", "transformers", "llama.cpp", "vllm")
+    assert ENGINES["vllm"].serve_only and ENGINES["llama.cpp"].python_module == "llama_cpp"
+    assert choose.pick_engine("transformers", "cpu").name == "transformers"
     for requested, needle in (("tensorrt", "not one of"), ("vllm", "serves only")):
         with pytest.raises(UserError, match=needle):
-            registry.pick_engine(requested, "cuda")
-    monkeypatch.setattr(registry, "_llama_cpp_missing", lambda: "llama-cpp-python is not installed")
+            choose.pick_engine(requested, "cuda")
+    monkeypatch.setattr(choose, "_llama_cpp_missing", lambda: "llama-cpp-python is not installed")
     with pytest.raises(UserError, match="nekotune\\[llamacpp\\]"):
-        registry.pick_engine("llama.cpp", "cpu")
+        choose.pick_engine("llama.cpp", "cpu")
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("NEKOTUNE_VLLM", raising=False)
     with pytest.raises(UserError, match="no `vllm` executable"):
-        registry.pick_engine("vllm", "cuda", serving=True)
+        choose.pick_engine("vllm", "cuda", serving=True)
 
 
 def test_llamacpp_refusal_reasons():
-    from nekotune.engines.registry import llamacpp_refusal
+    from nekotune.engines.choose import llamacpp_refusal
 
     assert llamacpp_refusal({"model_type": "llama"}) is None
     assert "gpt2" in llamacpp_refusal({"model_type": "gpt2"})
@@ -113,7 +116,7 @@ def built(engine_bases, tmp_path_factory):
         pytest.skip("llama-cpp-python is not installed")
     import json
 
-    from nekotune.export.gguf import export_command
+    from nekotune.export.gguf import gguf_file
     from nekotune.export.gguf_lora import write_lora_gguf
 
     root = tmp_path_factory.mktemp("engines")
@@ -123,8 +126,8 @@ def built(engine_bases, tmp_path_factory):
         extra = {"target_modules": ["q_proj", "v_proj", "down_proj", "embed_tokens"]} if arch == "qwen2" else {}
         ads = [make_adapter(base, root / f"{arch}-ad{i}", seed=i + 1, std=0.1, **extra) for i in range(2)]
         loras = [write_lora_gguf(a, config, root / f"{arch}-lora{i}.gguf").path for i, a in enumerate(ads)]
-        gguf = export_command(cfg(), str(base), str(root / f"{arch}-f16.gguf"), "f16")
-        f32 = export_command(cfg(), str(base), str(root / f"{arch}-f32.gguf"), "f32")
+        gguf = gguf_file(cfg(), str(base), str(root / f"{arch}-f16.gguf"), "f16").path
+        f32 = gguf_file(cfg(), str(base), str(root / f"{arch}-f32.gguf"), "f32").path
         out[arch] = {"base": base, "gguf": gguf, "f32": f32, "adapters": ads, "loras": loras}
     return out
 
@@ -312,10 +315,10 @@ print(len(ids))
 def test_q8_0_decodes_on_this_cpu(built, tmp_path):
     """On AMX CPUs llama.cpp's repacked q8_0 segfaults on multi-token decodes unless repacking is
     off; a child process, so that a crash fails this test instead of ending the suite."""
-    from nekotune.export.gguf import export_command
+    from nekotune.export.gguf import gguf_file
 
     item = built["llama"]
-    q8 = export_command(cfg(), str(item["base"]), str(tmp_path / "q8.gguf"), "q8_0")
+    q8 = gguf_file(cfg(), str(item["base"]), str(tmp_path / "q8.gguf"), "q8_0").path
     run = subprocess.run([sys.executable, "-c", QUANTIZED, str(q8), str(item["base"])], capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -86,7 +86,7 @@ def test_qwen_gets_no_permutation_and_untied_embeddings_are_transposed(engine_ba
 
 def test_rslora_and_patterns_fold_each_scale_into_lora_b(engine_bases, tmp_path):
     from nekotune.export.gguf_lora import write_lora_gguf
-    from nekotune.merge import Adapter
+    from nekotune.weights import Adapter
 
     base = engine_bases["llama"]
     adapter = make_adapter(base, tmp_path / "ad", r=8, lora_alpha=16, use_rslora=True,

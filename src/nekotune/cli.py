@@ -11,7 +11,7 @@ import re
 import sys
 
 from nekotune.errors import UserError
-from nekotune.registry import GGUF_TYPES
+from nekotune.registry import ENGINE_CHOICES, GGUF_TYPES
 
 EXIT_USER = 2
 EXIT_INTERRUPTED = 130  # also commands.train's, for an interrupted training
@@ -34,6 +34,8 @@ def _config(args, default_to_demo: bool = True):
     from nekotune.config import load_config
 
     path, overrides = _split_rest(getattr(args, "rest", []) or [])
+    if getattr(args, "engine", None):  # --engine is generate.engine, over the file and overrides
+        overrides = [*overrides, f"generate.engine={args.engine}"]
     return load_config(path, overrides, default_to_demo=default_to_demo)
 
 
@@ -112,8 +114,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args, default_to_demo=False)
     if args.what == "gguf":
         export.export_command(cfg, args.model, args.out, args.type)
+    elif args.what == "gguf-lora":
+        export.lora_command(cfg, args.model, args.out, args.type)
     elif args.what == "ollama":
-        export.ollama_command(cfg, args.model, args.out, args.type)
+        export.ollama_command(cfg, args.model, args.out, args.type, adapter=args.adapter)
     else:
         return export.verify_command(cfg, args.file, args.model)
     return 0
@@ -155,6 +159,12 @@ def _rest(p: argparse.ArgumentParser) -> None:
 def _model(p: argparse.ArgumentParser, help_text: str = "run dir, adapter dir, HF dir, .gguf or hub id "
            "(default: the latest run under outputs/)") -> None:
     p.add_argument("--model", "-m", default=None, help=help_text)
+
+
+def _engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default=None, choices=list(ENGINE_CHOICES),
+                   help="inference engine (generate.engine; default auto: llama.cpp on CPUs and Apple silicon "
+                        "when llama-cpp-python is installed, transformers otherwise)")
 
 
 def _listen(p: argparse.ArgumentParser, port: int) -> None:
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive streaming chat")
     _model(p)
     p.add_argument("--system", default=None, help="system prompt")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_chat)
 
@@ -210,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model(p)
     p.add_argument("--system", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_ask)
 
@@ -218,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--limit", type=int, default=None)
     _model(p)
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_predict)
 
@@ -228,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="rows to generate for the metrics")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     _model(p)
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_eval)
 
@@ -237,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--eval-file", default=None, help="dataset for per-model eval loss (default: the prompts file)")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_compare)
 
@@ -256,8 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
         pe.add_argument("--type", default="q8_0" if what == "gguf" else "q4_0",
                         choices=list(GGUF_TYPES))
         pe.add_argument("--out", required=True)
+        if what == "ollama":
+            pe.add_argument("--adapter", action="store_true", help="the base GGUF with the adapter as a LoRA GGUF "
+                            "(Modelfile ADAPTER) instead of merging; llama and qwen2 models only")
         _rest(pe)
         pe.set_defaults(func=cmd_export)
+    pl = esub.add_parser("gguf-lora", help="the adapter as llama.cpp's LoRA GGUF (for the base's own GGUF)")
+    _model(pl, "run or adapter directory (default: the latest run)")
+    pl.add_argument("--out", required=True, help="the .gguf file to write, e.g. neko-lora.gguf")
+    pl.add_argument("--type", default="f16", choices=["f16", "f32"])
+    _rest(pl)
+    pl.set_defaults(func=cmd_export)
     pv = esub.add_parser("verify")
     pv.add_argument("file")
     _model(pv, "source model to compare with (default: the latest run)")
@@ -278,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", type=_byte_size, default="8MB",
                    help="largest request body, e.g. 8MB or 500KB; larger ones get 413 (default 8MB)")
     p.add_argument("--cors", default=None, help="comma-separated allowed origins (off by default)")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_serve)
 

@@ -11,8 +11,8 @@ from typing import Any
 from nekotune.commands.console import command, progress_bar
 from nekotune.config import Config
 from nekotune.data.formats import Conversation, Turn
-from nekotune.generate import GenSettings, generate, stream
-from nekotune.model import load_for_inference
+from nekotune.engines.session import open_session
+from nekotune.generate import GenSettings
 
 HELP = """commands:
   /reset          forget the conversation
@@ -31,11 +31,15 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
              stdout: Any = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
-    loaded = load_for_inference(cfg, model_arg)
-    settings = GenSettings.from_config(loaded.cfg.generate)
+    with open_session(cfg, model_arg) as session:
+        return _chat_loop(session, system, stdin, out)
+
+
+def _chat_loop(session: Any, system: str | None, stdin: Any, out: Any) -> int:
+    settings = session.settings()
     conv = Conversation(system=system)
     interactive = stdin.isatty()
-    out.write(f"nekotune chat with {loaded.spec.label}. /help for commands, /exit to quit.\n")
+    out.write(f"nekotune chat with {session.label}. /help for commands, /exit to quit.\n")
     out.flush()
     while True:
         try:
@@ -68,7 +72,7 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
         stop = threading.Event()
         pieces: list[str] = []
         try:
-            for piece in stream(loaded.model, loaded.renderer, conv, settings, stop=stop):
+            for piece in session.stream(conv, settings, stop=stop):
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
@@ -117,12 +121,11 @@ def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False
 
     if not question.strip():
         raise UserError("the question is empty; pass the question as one argument in quotes")
-    loaded = load_for_inference(cfg, model_arg)
-    settings = GenSettings.from_config(loaded.cfg.generate)
-    conv = Conversation(turns=[Turn("user", question.strip())], system=system)
-    answer = generate(loaded.model, loaded.renderer, conv, settings)
+    with open_session(cfg, model_arg) as session:
+        conv = Conversation(turns=[Turn("user", question.strip())], system=system)
+        answer = session.generate(conv, session.settings())
     if as_json:
-        print(json.dumps({"model": loaded.spec.label, "question": question, "answer": answer}, ensure_ascii=False))
+        print(json.dumps({"model": session.label, "question": question, "answer": answer}, ensure_ascii=False))
     else:
         print(answer)
     return 0

@@ -9,7 +9,6 @@ Two shapes, both answering as the run does:
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,21 +35,15 @@ def default_gguf_type(n_params: int) -> str:
 
 
 def count_parameters(base_dir: Path) -> int:
-    from nekotune.merge import BaseCheckpoint
+    from nekotune.weights import BaseCheckpoint
 
     return sum(math.prod(shape) for shape in BaseCheckpoint.open(base_dir).shapes.values())
-
-
-def _quiet_console():
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), stderr=False)  # phase A: export/gguf.py still prints through a console
 
 
 def _model_gguf(source, gguf_type: str, merged: bool, revision: str | None) -> Path:
     from nekotune.export.gguf import export_gguf
     from nekotune.export.gguf_cache import cached_gguf, model_files
-    from nekotune.merge import local_model_dir
+    from nekotune.weights import local_model_dir
 
     spec: Any = source.spec
     sources = model_files(local_model_dir(spec.base, revision))
@@ -61,7 +54,7 @@ def _model_gguf(source, gguf_type: str, merged: bool, revision: str | None) -> P
     slot = str(Path(spec.adapter).resolve()) if merged and spec.adapter else str(Path(spec.base).resolve())
 
     def build(tmp: Path) -> None:
-        written = export_gguf(source, tmp, gguf_type, _quiet_console())
+        written = export_gguf(source, tmp, gguf_type)
         if written != gguf_type:
             raise UserError(f"GGUF type {gguf_type} needs llama.cpp's quantizer; pick q8_0 or f16")
 
@@ -76,7 +69,7 @@ def llamacpp_files(cfg, model_arg: str | None, gguf_type: str = "auto", merge: b
 
     from nekotune.export.gguf import prepare
     from nekotune.export.gguf_lora import cached_lora_gguf
-    from nekotune.merge import local_model_dir
+    from nekotune.weights import local_model_dir
 
     source = prepare(cfg, model_arg)
     spec: Any = source.spec
@@ -90,9 +83,9 @@ def llamacpp_files(cfg, model_arg: str | None, gguf_type: str = "auto", merge: b
             raise UserError("a merged GGUF holds one adapter; serve extra adapters on base + LoRA GGUFs")
         return LlamaCppFiles(_model_gguf(source, gguf_type, True, revision), gguf_type, True,
                              renderer=source.renderer, cfg=source.cfg)
-    from nekotune.model import ModelSpec, resolve
+    from nekotune.model import ModelSource, resolve
 
-    base_source = replace(source, spec=ModelSpec(base=spec.base))
+    base_source = replace(source, spec=ModelSource(base=spec.base))
     model = _model_gguf(base_source, gguf_type, False, revision)
     loras: dict[str, Path] = {}
     if spec.adapter:

@@ -154,3 +154,41 @@ def write_chat_template(template: str, system_prompt: str | None, out: str | Pat
     out = Path(out)
     atomic_write_text(out, baked_template(template, system_prompt))
     return out
+
+
+def vllm_launch(cfg, model_arg: str | None, adapters: Sequence[tuple[str, str]] = (), *, host: str = "127.0.0.1",
+                port: int = 8000, api_key: str | None = None, allow_hosts: Sequence[str] = (),
+                cors: Sequence[str] = (), max_concurrency: int | None = None,
+                executable: str | None = None) -> VllmLaunch:
+    """The `vllm serve` command for what `nekotune serve MODEL --adapter NAME=PATH ...` serves: the
+    same base, names (base-<dir>, "base", the run's and each --adapter's), chat template and system
+    prompt, and the key and host rules. Writes only the template file (nekotune's cache)."""
+    import hashlib
+
+    from nekotune.data.render import Renderer
+    from nekotune.model import cache_dir, load_tokenizer, resolve_source
+    from nekotune.serve.pool import adapter_sources, safe_name
+
+    spec, served = resolve_source(cfg, model_arg)
+    named = adapter_sources(spec, list(adapters), cfg.output.root)
+    renderer = Renderer.from_config(load_tokenizer(spec, served.model), served.data)
+    baked = baked_template(renderer.template, served.data.system_prompt)
+    template = cache_dir() / "vllm" / f"template-{hashlib.sha256(baked.encode()).hexdigest()[:16]}.jinja"
+    if not template.is_file():
+        write_chat_template(renderer.template, served.data.system_prompt, template)
+    return vllm_command(spec.base, safe_name(f"base-{Path(spec.base.rstrip('/')).name}"),
+                        [(name, aspec.adapter or "") for name, aspec in named], template, host=host, port=port,
+                        dtype=served.model.dtype, api_key=api_key, allow_hosts=allow_hosts, cors=cors,
+                        enable_thinking=served.data.enable_thinking, max_num_seqs=max_concurrency,
+                        executable=executable or "vllm", guard_path=guard_pythonpath())
+
+
+def run_vllm(launch: VllmLaunch) -> int:
+    """Start vLLM's server and wait for it; Ctrl-C reaches it too (same process group), and its exit
+    code is the command's."""
+    import subprocess
+
+    try:
+        return subprocess.call(launch.argv, env={**os.environ, **launch.env})
+    except OSError as exc:
+        raise UserError(f"cannot start {launch.argv[0]} ({exc.strerror}); check NEKOTUNE_VLLM or PATH") from None

@@ -125,7 +125,7 @@ def lora_pairs(adapter, base_config: dict, arch: str) -> tuple[list[tuple[str, A
         if layer.embedding:
             a = a.T.contiguous()  # llama.cpp: get_rows(lora_a, ids), then lora_b times that
         else:
-            b = prepare_tensor(b, hf_name, base_config, arch)  # the base weight's rotary row order
+            b = prepare_tensor(b, hf_name, base_config)  # the base weight's rotary row order
         pairs.append((names[hf_name], a, b))
     return pairs, alpha
 
@@ -150,7 +150,7 @@ def write_lora_gguf(adapter_dir: str | Path, base_config: dict, out: str | Path,
     from nekotune.export.gguf import WRITTEN_BY_KEY, architecture
     from nekotune.export.gguf_cache import file_digest
     from nekotune.io import atomic_file
-    from nekotune.merge import Adapter
+    from nekotune.weights import Adapter
 
     if dtype not in DTYPES:
         raise UserError(f"LoRA GGUF type {dtype} is not one of {', '.join(DTYPES)}")
@@ -199,12 +199,13 @@ def export_lora(cfg, model_arg: str | None, out: str | Path, dtype: str = "f16")
     for the base it was trained on (write that base with `nekotune export gguf` on the base model)."""
     from nekotune.export.gguf import written_by_nekotune
     from nekotune.io import check_output_file
-    from nekotune.merge import local_model_dir, resolve_for_merge, source_paths
+    from nekotune.model import resolve_source
+    from nekotune.weights import local_model_dir, source_paths
 
     out = Path(out).expanduser()
     if out.suffix != ".gguf" or out.is_dir():
         raise UserError(f"--out {out} should name a .gguf file, e.g. --out neko-lora.gguf")
-    spec, cfg = resolve_for_merge(cfg, model_arg)
+    spec, cfg = resolve_source(cfg, model_arg)
     if not spec.adapter:
         raise UserError(f"--model {model_arg or spec.base} holds no LoRA adapter; export gguf-lora converts a run or "
                         f"adapter directory (a whole model: nekotune export gguf)")

@@ -1,6 +1,6 @@
-"""The inference engines, one table: config validation, the CLI's --engine choices, the UI and the
-docs read it. Plain data and cheap checks only (no torch, no llama_cpp import), so config.py can
-import it. Phase B merges it into the refactor's registry module.
+"""Which engine runs: registry.ENGINES is the table (config validation, the CLI's --engine
+choices, the UI and the docs read it); this is the `auto` rule and the checks of what an engine
+needs, cheap ones only (no torch, no llama_cpp import).
 """
 
 from __future__ import annotations
@@ -10,50 +10,34 @@ import os
 import platform
 import shutil
 from dataclasses import dataclass
-from typing import Callable
 
 from nekotune.errors import UserError
+from nekotune.registry import ENGINE_CHOICES, ENGINES
 
 AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    name: str
-    summary: str
-    install: str  # what to install when missing
-    serve_only: bool  # runs as its own server process (vLLM); chat/predict/eval cannot use it
-    missing: Callable[[], str | None]  # None when usable here, else why not
-
-
-def _llama_cpp_missing() -> str | None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed"
-    return None
+CHOICES = ENGINE_CHOICES
 
 
 def vllm_executable() -> str | None:
     """vLLM pins its own CUDA torch, so it lives in its own environment: NEKOTUNE_VLLM or `vllm` on PATH."""
-    return os.environ.get("NEKOTUNE_VLLM") or shutil.which("vllm")
+    info = ENGINES["vllm"]
+    return (os.environ.get(info.executable_env or "") or None) or shutil.which(info.executable or "vllm")
 
 
-def _vllm_missing() -> str | None:
-    if vllm_executable() is None:
-        return "no `vllm` executable on PATH (or NEKOTUNE_VLLM)"
+def missing(name: str) -> str | None:
+    """None when engine `name` can run here, else why not."""
+    info = ENGINES[name]
+    if info.python_module and importlib.util.find_spec(info.python_module) is None:
+        return f"{info.python_module.replace('_', '-')}-python is not installed" if name == "llama.cpp" \
+            else f"python module {info.python_module} is not installed"
+    if info.executable and (os.environ.get(info.executable_env or "") or shutil.which(info.executable)) is None:
+        where = f" (or {info.executable_env})" if info.executable_env else ""
+        return f"no `{info.executable}` executable on PATH{where}"
     return None
 
 
-ENGINES: dict[str, EngineInfo] = {
-    "transformers": EngineInfo("transformers", "transformers generate (every device, every model)",
-                               "included", False, lambda: None),
-    "llama.cpp": EngineInfo("llama.cpp", "llama.cpp on a cached GGUF of the model; adapters as LoRA GGUFs "
-                            "(fastest on CPUs and Apple silicon)", "pip install 'nekotune[llamacpp]'", False,
-                            lambda: _llama_cpp_missing()),
-    "vllm": EngineInfo("vllm", "vLLM's OpenAI server as a subprocess, LoRA adapters switched per request "
-                       "(NVIDIA GPUs; serve only)", "install vLLM in its own environment (pip install vllm)",
-                       True, lambda: _vllm_missing()),
-}
-CHOICES = (AUTO, *ENGINES)
+def _llama_cpp_missing() -> str | None:
+    return missing("llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -79,7 +63,8 @@ def pick_engine(requested: str, device: str, serving: bool = False, llamacpp_ref
         if info.serve_only and not serving:
             raise UserError(f"engine {requested} serves only (nekotune serve --engine {requested}); use "
                             f"transformers or llama.cpp here")
-        if (why := info.missing()) is not None:
+        why = _llama_cpp_missing() if requested == "llama.cpp" else missing(requested)
+        if why is not None:
             raise UserError(f"engine {requested}: {why}; {info.install}")
         if requested == "llama.cpp" and llamacpp_refusal:
             raise UserError(f"engine llama.cpp: {llamacpp_refusal}; use --engine transformers")
@@ -97,13 +82,14 @@ def pick_engine(requested: str, device: str, serving: bool = False, llamacpp_ref
 def llamacpp_refusal(model_config: dict, adapter_config: dict | None = None, trust_remote_code: bool = False,
                      quantization: str | None = None) -> str | None:
     """Why this model cannot run on the llama.cpp engine (None: it can). Config-level only."""
-    from nekotune.export.gguf import ARCHS
+    from nekotune.registry import ARCHITECTURES
 
     if trust_remote_code:
         return "a model with remote code has no GGUF export"
     if quantization:
         return f"model.quantization={quantization} (bitsandbytes) runs on transformers only"
-    if model_config.get("model_type") not in ARCHS:
+    arch = ARCHITECTURES.get(str(model_config.get("model_type")))
+    if arch is None or arch.gguf_arch is None:
         return f"model_type {model_config.get('model_type')} has no GGUF export"
     if adapter_config and adapter_config.get("peft_type", "LORA") != "LORA":
         return f"peft_type {adapter_config.get('peft_type')} is not LoRA"
