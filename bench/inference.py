@@ -5,17 +5,16 @@ Model: SmolLM2-135M-Instruct with the demo-trained adapter (bench/.work/demo-run
 
 - predict: the whole process, wall and CPU seconds measured from outside, on the 12 held-out demo
   prompts with the run's own settings (greedy, repetition penalty 1.1, at most 80 new tokens),
-  GGUF cache warm. transformers is `nekotune predict` (generate.batch_size=1: single stream, and
-  the default 8); llama.cpp is bench/jobs/predict_llamacpp.py, what `nekotune predict --engine
-  llama.cpp` does in phase B, on base + LoRA GGUFs or a merged GGUF, f16 or q8_0. Tokens are the
+  GGUF cache warm. transformers is `nekotune predict --engine transformers` (generate.batch_size=1:
+  single stream, and the default 8); llama.cpp is `nekotune predict --engine llama.cpp` (a cached
+  merged GGUF), per GGUF type. Tokens are the
   answers re-encoded; "persona" counts answers that keep the cat-girl voice; "= tf" counts answers
   equal to transformers' batch-1 answers.
 - decode: the engine alone, single stream, tokens/s from (N+1)-token minus 1-token generations.
 - serve: HTTP servers with 1 client and with 8 at once (natural stops, greedy, no repetition
-  penalty so all sides do the same work): nekotune serve (transformers), llama_cpp.server on the
-  same f16 base + LoRA GGUF (and q8_0 through bench/jobs/llama_server.py --no-repack), and the
-  llama.cpp engine driven directly by 8 threads (phase A's stand-in for `nekotune serve --engine
-  llama.cpp`, which phase B adds here).
+  penalty so all sides do the same work): `nekotune serve --engine transformers`, `nekotune serve
+  --engine llama.cpp` (base GGUF + LoRA GGUF, per type) and llama_cpp.server on the same base + LoRA
+  GGUF (q8_0 through bench/jobs/llama_server.py --no-repack, the AMX workaround).
 
 The box may be shared: the load average is recorded beside every row, and tokens per CPU-second
 (the process's own CPU time) is the figure another process disturbs least.
@@ -127,15 +126,12 @@ def predict_rows(ctx: dict, threads: int, types: list[str]) -> list[dict]:
     rows, reference = [], None
     with tempfile.TemporaryDirectory() as tmp:
         predict = [PY, "-m", "nekotune.cli", "predict", str(DEMO_HELDOUT), "--model", str(RUN)]
-        jobs = [("transformers", "batch 1", predict + ["--out", f"{tmp}/tf1.jsonl", "generate.batch_size=1"]),
-                ("transformers", "batch 8", predict + ["--out", f"{tmp}/tf8.jsonl"])]
-        for t in types:
-            for merge in (False, True):
-                name = f"{t} {'merged' if merge else 'base + LoRA'}"
-                out = f"{tmp}/{t}-{merge}.jsonl"
-                jobs.append(("llama.cpp", name, [PY, str(HERE / "jobs" / "predict_llamacpp.py"), str(RUN),
-                                                 str(DEMO_HELDOUT), out, "--type", t, "--threads", str(threads)]
-                             + (["--merge"] if merge else [])))
+        tf = predict + ["--engine", "transformers"]
+        jobs = [("transformers", "batch 1", tf + ["--out", f"{tmp}/tf1.jsonl", "generate.batch_size=1"]),
+                ("transformers", "batch 8", tf + ["--out", f"{tmp}/tf8.jsonl"])]
+        for t in types:  # the real command: nekotune predict --engine llama.cpp (a cached merged GGUF)
+            jobs.append(("llama.cpp", f"nekotune predict --engine llama.cpp, {t} merged",
+                         predict + ["--engine", "llama.cpp", "--out", f"{tmp}/{t}.jsonl", f"generate.gguf_type={t}"]))
         for engine, what, cmd in jobs:
             res = timed(cmd, {"OMP_NUM_THREADS": str(threads)})
             out = Path(cmd[cmd.index("--out") + 1] if "--out" in cmd else cmd[4])
@@ -231,8 +227,11 @@ def server_rows(ctx: dict, threads: int, tokens: int, types: list[str], port: in
     chats = ctx["chats"][:8]
     renderer = ctx["renderer"]
     rows = []
-    servers = [("nekotune serve (transformers)", [PY, "-m", "nekotune.cli", "serve", str(RUN), "--port", str(port)],
+    serve = [PY, "-m", "nekotune.cli", "serve", str(RUN), "--port", str(port), "--max-concurrency", "8"]
+    servers = [("nekotune serve (transformers)", serve + ["--engine", "transformers"],
                 f"http://127.0.0.1:{port}/health", "chat")]
+    servers += [(f"nekotune serve llama.cpp {t} base + LoRA", serve + ["--engine", "llama.cpp",
+                 f"generate.gguf_type={t}"], f"http://127.0.0.1:{port}/health", "chat") for t in types]
     if ensure_server_deps():
         for t in types:
             f = ctx["files"][(t, False)]
@@ -271,17 +270,6 @@ def server_rows(ctx: dict, threads: int, tokens: int, types: list[str], port: in
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    prompt_ids = [renderer.prompt_ids(c) for c in chats]
-    for t in types:
-        f = ctx["files"][(t, False)]
-        for clients in (1, 8):
-            res = decode_job({"kind": "clients", "engine": "llama.cpp", "model": str(f.model), "clients": clients,
-                              "adapters": {k: str(v) for k, v in f.adapters.items()}, "adapter": ctx["adapter"],
-                              "prompts": prompt_ids, "tokens": tokens, "threads": threads, "repetition_penalty": 1.0,
-                              "stop_ids": renderer.stop_token_ids, "tokenizer": ctx["tokenizer_dir"]})
-            rows.append({"group": "serve", "engine": f"llama.cpp engine direct {t} base + LoRA",
-                         "what": f"{clients} client{'s' * (clients > 1)}", **res})
-            print(fmt(rows[-1]), flush=True)
     return rows
 
 
@@ -329,8 +317,8 @@ def table(summary: dict) -> str:
     for r in rows:
         tf = reference(r, rows, "nekotune serve" if r["group"] == "serve" else "transformers")
         server = None
-        if r["group"] == "serve" and "engine direct" in r["engine"]:
-            kind = r["engine"].split("direct ")[1]
+        if r["group"] == "serve" and r["engine"].startswith("nekotune serve llama.cpp "):
+            kind = r["engine"].split("llama.cpp ")[1]
             server = next((b for b in rows if b["engine"] == f"llama_cpp.server {kind}" and b["what"] == r["what"]),
                           None)
         lines.append(f"| {r['group']} | {r['engine']} | {r['what']} | {r['tok_s']:.1f} | {r['tok_per_cpu_s']:.1f} | "

@@ -43,7 +43,7 @@ def _serving_engine(cfg: Config, model_arg: str | None) -> str:
     from nekotune.model import resolve_source
 
     source, effective = resolve_source(cfg, model_arg)
-    return choose(effective, source, serving=True).name
+    return choose(effective, source, serving=True, lora=True).name
 
 
 def _vllm_launch(cfg: Config, args: Any, adapters, api_key, cors, executable: str | None = None):

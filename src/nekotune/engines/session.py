@@ -78,20 +78,25 @@ class Session:
         self.close()
 
 
-def choose(cfg: Config, source: ModelSource, serving: bool = False) -> Choice:
-    """generate.engine for this model on this machine (auto resolved), noted on the logger."""
+def choose(cfg: Config, source: ModelSource, serving: bool = False, lora: bool = False) -> Choice:
+    """generate.engine for this model on this machine (auto resolved), noted on the logger.
+    `lora`: the adapter would run as a LoRA GGUF (not merged), which some adapters have no form for."""
     from nekotune.model import pick_device
 
     requested = cfg.generate.engine
     device = pick_device(cfg.model.device)
-    refusal = _refusal(cfg, source) if requested in ("auto", "llama.cpp") else None
+    refusal = _refusal(cfg, source, lora) if requested in ("auto", "llama.cpp") else None
     choice = pick_engine(requested, device, serving=serving, llamacpp_refusal=refusal)
     log.warning("engine: %s (%s)", choice.name, choice.reason)
     return choice
 
 
-def _refusal(cfg: Config, source: ModelSource) -> str | None:
+def _refusal(cfg: Config, source: ModelSource, lora: bool) -> str | None:
     """Why llama.cpp cannot run this model, from its config files alone."""
+    from pathlib import Path
+
+    from nekotune.errors import UserError
+    from nekotune.export.gguf_lora import check_exportable
     from nekotune.io import read_json
     from nekotune.weights import local_model_dir
 
@@ -100,8 +105,14 @@ def _refusal(cfg: Config, source: ModelSource) -> str | None:
     else:
         adapter_config = None
     model_config = read_json(local_model_dir(source.base, cfg.model.revision) / "config.json")
-    return llamacpp_refusal(model_config, adapter_config, trust_remote_code=cfg.model.trust_remote_code,
-                            quantization=cfg.model.quantization)
+    why = llamacpp_refusal(model_config, adapter_config, trust_remote_code=cfg.model.trust_remote_code,
+                           quantization=cfg.model.quantization)
+    if why is None and lora and source.adapter:
+        try:  # DoRA, modules_to_save, embedding LoRA on a tied model: only a merged GGUF holds those
+            check_exportable(Path(source.adapter), model_config)
+        except UserError as exc:
+            why = str(exc).split(";")[0]
+    return why
 
 
 def open_session(cfg: Config, model_arg: str | None, merge: bool = True,
@@ -114,7 +125,7 @@ def open_session(cfg: Config, model_arg: str | None, merge: bool = True,
     from nekotune.model import resolve_source
 
     source, effective = resolve_source(cfg, model_arg)
-    choice = choose(effective, source)
+    choice = choose(effective, source, lora=not merge or bool(adapters))
     if choice.name == "llama.cpp":
         return _open_llamacpp(cfg, model_arg, source, effective, choice, merge and not adapters, adapters)
     return _open_transformers(effective, source, choice)
