@@ -123,15 +123,17 @@ def evaluate(cfg: Config, model_arg: str | None, file: str, out_dir: str | None 
     """Loss and perplexity on every row with an answer, and the text metrics on the first `limit`
     (default 50) rows' greedy answers; written to `out_dir` (default <run>/eval)."""
     from nekotune.engines.session import open_session
-    from nekotune.model import load_for_inference
+    from nekotune.model import load_for_inference, resolve_source
 
     if not Path(file).exists() and "/" not in file:
         raise UserError(f"eval file {file} not found")
+    _, effective = resolve_source(cfg, model_arg)
+    convs = _rows_with_references(load_conversations(file, effective.data)[0])  # a bad file fails first
     session = open_session(cfg, model_arg, merge=not baseline) if generate else None
     try:
         loaded = session.loaded if session is not None and session.loaded is not None else \
             load_for_inference(cfg, model_arg)
-        results = _evaluate_loaded(loaded, session, file, baseline, limit, generate)
+        results = _evaluate_loaded(loaded, session, convs, file, baseline, limit, generate)
     finally:
         if session is not None:
             session.close()
@@ -143,11 +145,9 @@ def evaluate(cfg: Config, model_arg: str | None, file: str, out_dir: str | None 
     return EvalResult(results, out / "eval_results.json", out / "summary.md", summary)
 
 
-def _evaluate_loaded(loaded: Any, session: Any, file: str, baseline: bool, limit: int | None,
-                     generate: bool) -> dict:
+def _evaluate_loaded(loaded: Any, session: Any, convs: list[Conversation], file: str, baseline: bool,
+                     limit: int | None, generate: bool) -> dict:
     """The results of evaluate(): the tuned model, and with `baseline` its base (the adapter off)."""
-    convs, _ = load_conversations(file, loaded.cfg.data)
-    convs = _rows_with_references(convs)
     settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
     limit = limit if limit is not None else 50
     bs = loaded.cfg.generate.batch_size
@@ -193,18 +193,19 @@ def predict(cfg: Config, model_arg: str | None, file: str, out: str, limit: int 
             progress: Callable[[int, int], None] | None = None) -> PredictResult:
     """One answer per row of `file`, written as JSON lines to `out`; `progress(done, total)` counts rows."""
     from nekotune.engines.session import open_session
+    from nekotune.model import resolve_source
 
+    _, effective = resolve_source(cfg, model_arg)
+    convs, _ = load_conversations(file, effective.data, prompts_only=True)  # a bad file fails before loading
     session = open_session(cfg, model_arg)
     try:
-        return _predict_rows(session, file, out, limit, progress)
+        return _predict_rows(session, convs[:limit] if limit else convs, out, progress)
     finally:
         session.close()
 
 
-def _predict_rows(session: Any, file: str, out: str, limit: int | None,
+def _predict_rows(session: Any, convs: list[Conversation], out: str,
                   progress: Callable[[int, int], None] | None) -> PredictResult:
-    convs, _ = load_conversations(file, session.cfg.data, prompts_only=True)
-    convs = convs[:limit] if limit else convs
     settings = session.settings()
     prompts = [c.prompt_part() for c in convs]
     done = 0

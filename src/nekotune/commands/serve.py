@@ -39,11 +39,18 @@ def _model_arg(args) -> str | None:
 # -- issue 19: the engine that serves ---------------------------------------------------------
 def _serving_engine(cfg: Config, model_arg: str | None) -> str:
     """generate.engine (--engine) for serving; the pick is a note on stderr."""
-    from nekotune.engines.session import choose
+    from nekotune.engines.session import choose, note
     from nekotune.model import resolve_source
 
-    source, effective = resolve_source(cfg, model_arg)
-    return choose(effective, source, serving=True, lora=True).name
+    try:
+        source, effective = resolve_source(cfg, model_arg)
+    except UserError:
+        if cfg.generate.engine != "auto":
+            raise
+        return "transformers"  # its loader says what is wrong with --model, as before
+    choice = choose(effective, source, serving=True, lora=True)
+    note(choice)
+    return choice.name
 
 
 def _vllm_launch(cfg: Config, args: Any, adapters, api_key, cors, executable: str | None = None):

@@ -79,16 +79,20 @@ class Session:
 
 
 def choose(cfg: Config, source: ModelSource, serving: bool = False, lora: bool = False) -> Choice:
-    """generate.engine for this model on this machine (auto resolved), noted on the logger.
+    """generate.engine for this model on this machine (auto resolved); note() says it.
     `lora`: the adapter would run as a LoRA GGUF (not merged), which some adapters have no form for."""
     from nekotune.model import pick_device
 
     requested = cfg.generate.engine
     device = pick_device(cfg.model.device)
     refusal = _refusal(cfg, source, lora) if requested in ("auto", "llama.cpp") else None
-    choice = pick_engine(requested, device, serving=serving, llamacpp_refusal=refusal)
-    log.warning("engine: %s (%s)", choice.name, choice.reason)
-    return choice
+    return pick_engine(requested, device, serving=serving, llamacpp_refusal=refusal)
+
+
+def note(choice: Choice, detail: str | None = None) -> None:
+    """The one line that says which engine runs, logged once it has loaded (so that a model that
+    fails to load still fails with one line)."""
+    log.warning("engine: %s (%s)%s", choice.name, choice.reason, f"; {detail}" if detail else "")
 
 
 def _refusal(cfg: Config, source: ModelSource, lora: bool) -> str | None:
@@ -127,8 +131,11 @@ def open_session(cfg: Config, model_arg: str | None, merge: bool = True,
     source, effective = resolve_source(cfg, model_arg)
     choice = choose(effective, source, lora=not merge or bool(adapters))
     if choice.name == "llama.cpp":
-        return _open_llamacpp(cfg, model_arg, source, effective, choice, merge and not adapters, adapters)
-    return _open_transformers(effective, source, choice)
+        session = _open_llamacpp(cfg, model_arg, source, effective, choice, merge and not adapters, adapters)
+    else:
+        session = _open_transformers(effective, source, choice)
+    note(choice, session.describe() if choice.name != "transformers" else None)
+    return session
 
 
 def _open_transformers(effective: Config, source: ModelSource, choice: Choice) -> Session:
@@ -155,5 +162,4 @@ def _open_llamacpp(cfg: Config, model_arg: str | None, source: ModelSource, effe
 
         renderer = Renderer.from_config(renderer.tokenizer, effective.data)
     own = None if files.merged or not source.adapter else next(iter(files.adapters))
-    log.warning("engine: %s", engine.describe())
     return Session(engine, renderer, effective, source, choice, own)
