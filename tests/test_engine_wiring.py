@@ -256,3 +256,24 @@ def test_ollama_adapter_option(adapter, engine_bases, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "qwen3" in err[0] and "does not apply LoRA" in err[0]
     assert not (tmp_path / "o3").exists()
+
+
+@needs_llama_cpp
+def test_llamacpp_refuses_an_adapter_of_another_base_in_one_line(adapter, f16_base, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(f16_base)
+    other = tmp_path / "narrower-base"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(adapter, wrong)
+    config = json.loads((wrong / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(other)
+    (wrong / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["ask", "hi", "--model", str(wrong), "--engine", "llama.cpp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit base model" in err[0] and str(other) in err[0]

@@ -40,6 +40,26 @@ def count_parameters(base_dir: Path) -> int:
     return sum(math.prod(shape) for shape in BaseCheckpoint.open(base_dir).shapes.values())
 
 
+def check_fits(adapter_dir: str | Path, base_dir: Path, base_label: str) -> None:
+    """An adapter trained on another base is refused in one line before any conversion, as the
+    transformers engine refuses it (the GGUF writer would otherwise fail on a tensor's size)."""
+    from nekotune.weights import Adapter, BaseCheckpoint, NotStreamable
+
+    try:
+        adapter = Adapter.load(adapter_dir)
+    except NotStreamable:
+        return  # merged in memory by peft, which says itself what does not fit
+    shapes = BaseCheckpoint.open(base_dir).shapes
+    wanted = {name: (layer.a.shape[1], layer.b.shape[0]) if layer.embedding else (layer.b.shape[0], layer.a.shape[1])
+              for name, layer in adapter.layers.items()}
+    wanted.update({name: tuple(t.shape) for name, t in adapter.replacements.items()})
+    for name, shape in wanted.items():
+        if tuple(shapes.get(name, ())) != tuple(shape):
+            found = f"shape {tuple(shapes[name])}" if name in shapes else "no such tensor"
+            raise UserError(f"adapter {adapter_dir} does not fit base model {base_label} ({name}: adapter "
+                            f"{tuple(shape)}, base {found}); load it on the base it was trained on")
+
+
 def _model_gguf(source, gguf_type: str, merged: bool, revision: str | None) -> Path:
     from nekotune.export.gguf import export_gguf
     from nekotune.export.gguf_cache import cached_gguf, model_files
@@ -78,6 +98,8 @@ def llamacpp_files(cfg, model_arg: str | None, gguf_type: str = "auto", merge: b
     base_dir = local_model_dir(spec.base, revision)
     if gguf_type == "auto":
         gguf_type = default_gguf_type(count_parameters(base_dir))
+    if spec.adapter:
+        check_fits(spec.adapter, base_dir, spec.base)
     if merge:
         if adapters:
             raise UserError("a merged GGUF holds one adapter; serve extra adapters on base + LoRA GGUFs")
@@ -98,6 +120,7 @@ def llamacpp_files(cfg, model_arg: str | None, gguf_type: str = "auto", merge: b
         aspec = resolve(path, outputs_root=cfg.output.root)
         if not aspec.adapter:
             raise UserError(f"--adapter {name}={path}: {path} holds no LoRA adapter (no adapter_config.json)")
+        check_fits(aspec.adapter, base_dir, spec.base)
         loras[name] = cached_lora_gguf(aspec.adapter, base_dir)
     return LlamaCppFiles(model, gguf_type, False, loras, renderer=source.renderer, cfg=source.cfg)
 
