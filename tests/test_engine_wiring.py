@@ -274,6 +274,7 @@ def test_llamacpp_refuses_an_adapter_of_another_base_in_one_line(adapter, f16_ba
     config = json.loads((wrong / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(other)
     (wrong / "adapter_config.json").write_text(json.dumps(config))
+    capsys.readouterr()  # save_pretrained's progress bar
     assert main(["ask", "hi", "--model", str(wrong), "--engine", "llama.cpp"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit base model" in err[0] and str(other) in err[0]
