@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nekotune.config import Config, load_config
 from nekotune.errors import UserError
-from nekotune.registry import ENGINE_CHOICES, TRAINING_STAGES
+from nekotune.registry import ENGINE_CHOICES, ENGINES, TRAINING_STAGES
 from nekotune.runs import Run
 
 if TYPE_CHECKING:
@@ -158,6 +158,9 @@ def load(model: str | os.PathLike | None = None, cfg: Config | None = None, engi
 
     if engine not in ENGINE_CHOICES:
         raise UserError(f"inference engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    if engine in ENGINES and ENGINES[engine].serve_only:
+        raise UserError(f"inference engine {engine} serves only (nekotune serve --engine {engine}); load with "
+                        f"transformers, llama.cpp or auto")
     cfg = _cfg(cfg)
     if engine == "transformers":
         return Model(load_for_inference(cfg, _arg(model)))
