@@ -17,6 +17,7 @@ BENCHES = [
     ("pure-Python Q4_K_M vs llama.cpp's quantizer, Qwen3-1.7B shapes (issue #20)", "kquant_speed.py"),
     ("K-quant quality on the latest run vs llama.cpp's quantizer (issue #20)", "kquant_quality.py"),
     ("DPO on persona pairs, held-out reward accuracy on SmolLM2 (issue #18)", "preference.py"),
+    ("inference engines: transformers, llama.cpp, llama_cpp.server (issue #19)", "inference.py"),
 ]
 
 

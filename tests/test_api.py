@@ -60,5 +60,7 @@ def test_the_api_says_what_it_refuses(tmp_path):
         nekotune.train(cfg, stage="ppo")
     with pytest.raises(nekotune.UserError, match="trains on data.format text"):
         nekotune.train(cfg, stage="pt")
-    with pytest.raises(nekotune.UserError, match="inference engine 'vllm' is not one of transformers"):
+    with pytest.raises(nekotune.UserError, match="inference engine 'tensorrt' is not one of auto, transformers"):
+        nekotune.load(tmp_path, engine="tensorrt")
+    with pytest.raises(nekotune.UserError, match="inference engine vllm serves only"):  # issue 19
         nekotune.load(tmp_path, engine="vllm")

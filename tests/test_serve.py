@@ -109,7 +109,8 @@ def server(runs, tmp_path_factory):
     port = free_port()
     log = cwd / "server.log"
     cmd = [sys.executable, "-m", "nekotune", "serve", str(runs["neko"]), "--adapter", f"inu={runs['inu']}",
-           "--port", str(port), "--api-key", KEY, "--max-concurrency", "4", "--max-tokens-cap", "64"]
+           "--port", str(port), "--api-key", KEY, "--max-concurrency", "4", "--max-tokens-cap", "64",
+           "--engine", "transformers"]  # answers are checked against transformers' (auto may pick llama.cpp)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nekotune.config import Config, load_config
 from nekotune.errors import UserError
-from nekotune.registry import ENGINES, TRAINING_STAGES
+from nekotune.registry import ENGINE_CHOICES, ENGINES, TRAINING_STAGES
 from nekotune.runs import Run
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from nekotune.data.preference_tokens import PreferenceReport
     from nekotune.evaluation import EvalResult, PredictResult
     from nekotune.export.gguf import ExportResult
+    from nekotune.export.gguf_lora import LoraGGUF
     from nekotune.export.ollama import OllamaResult
     from nekotune.export.verify import VerifyReport
     from nekotune.generate import GenSettings
@@ -122,6 +123,16 @@ class Model:
         self.tokenizer = loaded.renderer.tokenizer
         self.cfg = loaded.cfg  # the effective config: yours over the run's own prompt and sampling settings
         self.label = loaded.spec.label
+        self.session: Any = None  # an engines.session.Session when another engine generates
+
+    @classmethod
+    def from_session(cls, session: Any) -> "Model":
+        """A model generating on another engine (llama.cpp); `model` is None there."""
+        self = cls.__new__(cls)
+        self.loaded, self.session = session.loaded, session
+        self.model = session.loaded.model if session.loaded is not None else None
+        self.tokenizer, self.cfg, self.label = session.renderer.tokenizer, session.cfg, session.label
+        return self
 
     def _conversation(self, prompt: Any, system: str | None) -> Any:
         from nekotune.data.formats import Conversation, Turn
@@ -145,23 +156,42 @@ class Model:
         `settings`: max_new_tokens, temperature (0: greedy), top_p, top_k, repetition_penalty, seed."""
         from nekotune.generate import generate
 
+        if self.session is not None:
+            return self.session.generate(self._conversation(prompt, system), self.settings(**settings))
         return generate(self.model, self.loaded.renderer, self._conversation(prompt, system), self.settings(**settings))
 
     def stream(self, prompt: Any, system: str | None = None, **settings: Any) -> Iterator[str]:
         """The answer piece by piece, as it is generated."""
         from nekotune.generate import stream
 
+        if self.session is not None:
+            yield from self.session.stream(self._conversation(prompt, system), self.settings(**settings))
+            return
         yield from stream(self.model, self.loaded.renderer, self._conversation(prompt, system),
                           self.settings(**settings))
 
 
 def load(model: str | os.PathLike | None = None, cfg: Config | None = None, engine: str = "transformers") -> Model:
-    """A run, adapter, model directory, .gguf or hub id (default: the latest run) loaded for chat."""
+    """A run, adapter, model directory, .gguf or hub id (default: the latest run) loaded for chat.
+
+    `engine`: transformers (the default here: `Model.model` is the torch model) or any of
+    registry.ENGINE_CHOICES; the commands use generate.engine (default auto) instead."""
+    from nekotune.engines.session import open_session
     from nekotune.model import load_for_inference
 
-    if engine not in ENGINES:
-        raise UserError(f"inference engine {engine!r} is not one of {', '.join(ENGINES)}")
-    return Model(load_for_inference(_cfg(cfg), _arg(model)))
+    if engine not in ENGINE_CHOICES:
+        raise UserError(f"inference engine {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    if engine in ENGINES and ENGINES[engine].serve_only:
+        raise UserError(f"inference engine {engine} serves only (nekotune serve --engine {engine}); load with "
+                        f"transformers, llama.cpp or auto")
+    cfg = _cfg(cfg)
+    if engine == "transformers":
+        return Model(load_for_inference(cfg, _arg(model)))
+    return Model.from_session(open_session(_with_engine(cfg, engine), _arg(model)))
+
+
+def _with_engine(cfg: Config, engine: str) -> Config:
+    return cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"engine": engine})})
 
 
 def evaluate(model: str | os.PathLike | None, file: str | os.PathLike, cfg: Config | None = None, *,
@@ -221,11 +251,20 @@ def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, type: s
 
 def export_ollama(model: str | os.PathLike | None, out: str | os.PathLike, type: str = "q4_0",
                   cfg: Config | None = None, *, progress: Progress | None = None,
-                  imatrix: str | os.PathLike | None = None) -> OllamaResult:
-    """`nekotune export ollama`: a directory with the GGUF and a Modelfile for `ollama create`."""
+                  imatrix: str | os.PathLike | None = None, adapter: bool = False) -> OllamaResult:
+    """`nekotune export ollama`: a directory with the GGUF and a Modelfile for `ollama create`;
+    `adapter`: the base GGUF plus the adapter as a LoRA GGUF (Modelfile ADAPTER), not merged."""
     from nekotune.export.ollama import ollama_dir
 
-    return ollama_dir(_cfg(cfg), _arg(model), os.fspath(out), type, progress, _arg(imatrix))
+    return ollama_dir(_cfg(cfg), _arg(model), os.fspath(out), type, progress, _arg(imatrix), adapter=adapter)
+
+
+def export_gguf_lora(model: str | os.PathLike | None, out: str | os.PathLike, cfg: Config | None = None, *,
+                     dtype: str = "f16") -> LoraGGUF:
+    """`nekotune export gguf-lora`: the run's adapter in llama.cpp's LoRA GGUF format (issue 19)."""
+    from nekotune.export.gguf_lora import export_lora
+
+    return export_lora(_cfg(cfg), _arg(model), os.fspath(out), dtype)
 
 
 def verify(gguf: str | os.PathLike, model: str | os.PathLike | None = None, cfg: Config | None = None, *,

@@ -11,7 +11,7 @@ import re
 import sys
 
 from nekotune.errors import UserError
-from nekotune.registry import GGUF_TYPES
+from nekotune.registry import ENGINE_CHOICES, GGUF_TYPES
 
 EXIT_USER = 2
 EXIT_INTERRUPTED = 130  # also commands.train's, for an interrupted training
@@ -34,6 +34,8 @@ def _config(args, default_to_demo: bool = True):
     from nekotune.config import load_config
 
     path, overrides = _split_rest(getattr(args, "rest", []) or [])
+    if getattr(args, "engine", None):  # --engine is generate.engine, over the file and overrides
+        overrides = [*overrides, f"generate.engine={args.engine}"]
     return load_config(path, overrides, default_to_demo=default_to_demo)
 
 
@@ -114,8 +116,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args, default_to_demo=False)
     if args.what == "gguf":
         export.export_command(cfg, args.model, args.out, args.type, imatrix=args.imatrix)
+    elif args.what == "gguf-lora":
+        export.lora_command(cfg, args.model, args.out, args.type)
     elif args.what == "ollama":
-        export.ollama_command(cfg, args.model, args.out, args.type, imatrix=args.imatrix)
+        export.ollama_command(cfg, args.model, args.out, args.type, imatrix=args.imatrix, adapter=args.adapter)
     else:
         return export.verify_command(cfg, args.file, args.model, reference=args.reference)
     return 0
@@ -157,6 +161,12 @@ def _rest(p: argparse.ArgumentParser) -> None:
 def _model(p: argparse.ArgumentParser, help_text: str = "run dir, adapter dir, HF dir, .gguf or hub id "
            "(default: the latest run under outputs/)") -> None:
     p.add_argument("--model", "-m", default=None, help=help_text)
+
+
+def _engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default=None, choices=list(ENGINE_CHOICES),
+                   help="inference engine (generate.engine; default auto: llama.cpp on CPUs and Apple silicon "
+                        "when llama-cpp-python is installed, transformers otherwise)")
 
 
 def _listen(p: argparse.ArgumentParser, port: int) -> None:
@@ -206,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--image", action="append", metavar="FILE",
                    help="an image for the first message (repeatable; vision-language models)")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_chat)
 
@@ -216,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--image", action="append", metavar="FILE",
                    help="an image to ask about (repeatable; vision-language models)")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_ask)
 
@@ -224,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--limit", type=int, default=None)
     _model(p)
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_predict)
 
@@ -235,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="rows to generate for the metrics")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     _model(p)
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_eval)
 
@@ -245,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--eval-file", default=None, help="dataset for per-model eval loss (default: the prompts file)")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_compare)
 
@@ -266,8 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
         pe.add_argument("--imatrix", default=None, metavar="FILE",  # issue 20
                         help="llama.cpp importance matrix (llama-imatrix output, GGUF or .dat) for the 2-6 bit types")
         pe.add_argument("--out", required=True)
+        if what == "ollama":
+            pe.add_argument("--adapter", action="store_true", help="the base GGUF with the adapter as a LoRA GGUF "
+                            "(Modelfile ADAPTER) instead of merging; llama and qwen2 models only")
         _rest(pe)
         pe.set_defaults(func=cmd_export)
+    pl = esub.add_parser("gguf-lora", help="the adapter as llama.cpp's LoRA GGUF (for the base's own GGUF)")
+    _model(pl, "run or adapter directory (default: the latest run)")
+    pl.add_argument("--out", required=True, help="the .gguf file to write, e.g. neko-lora.gguf")
+    pl.add_argument("--type", default="f16", choices=["f16", "f32"])
+    _rest(pl)
+    pl.set_defaults(func=cmd_export)
     pv = esub.add_parser("verify")
     pv.add_argument("file")
     _model(pv, "source model to compare with (default: the latest run)")
@@ -293,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors", default=None, help="comma-separated allowed origins (off by default)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="let image_url parts name http(s) URLs the server downloads (default: data URLs only)")
+    _engine(p)
     _rest(p)
     p.set_defaults(func=cmd_serve)
 

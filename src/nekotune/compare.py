@@ -137,8 +137,8 @@ def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored
     """Each model loaded in turn (one in memory at a time): its answers and its scores."""
     import gc
 
+    from nekotune.engines.session import open_session
     from nekotune.evaluation import masked_loss, text_metrics
-    from nekotune.generate import GenSettings, generate_batch
     from nekotune.model import HubChoice, load_for_inference, resolve
 
     rows: dict[str, list[str]] = {}
@@ -148,10 +148,9 @@ def _answers(cfg: Config, models: list[str], prompts: list[Conversation], scored
     for m in models:
         # "base": the base model of the first other model (or of the config)
         target = m if m != "base" else (resolve(first, hub=hub).base if first else cfg.model.name_or_path)
-        loaded = load_for_inference(cfg, target)
-        settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
-        rows[m] = generate_batch(loaded.model, loaded.renderer, prompts, settings,
-                                 batch_size=loaded.cfg.generate.batch_size)
+        with open_session(cfg, target) as session:  # generate.engine answers; the loss needs transformers
+            rows[m] = session.generate_batch(prompts, session.settings(temperature=0.0))
+            loaded = session.loaded if session.loaded is not None or not scored else load_for_inference(cfg, target)
         st = masked_loss(loaded.model, loaded.renderer, scored) if scored else {}
         if scored and all_scored:
             st.update(text_metrics(rows[m], [c.reference or "" for c in scored]))

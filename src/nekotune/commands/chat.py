@@ -12,8 +12,8 @@ from nekotune.commands.console import command, progress_bar
 from nekotune.config import Config
 from nekotune.data.formats import Conversation, Turn
 from nekotune.data.image_rows import user_turn
-from nekotune.generate import GenSettings, generate, stream
-from nekotune.model import load_for_inference
+from nekotune.engines.session import open_session
+from nekotune.generate import GenSettings
 
 HELP = """commands:
   /reset          forget the conversation
@@ -42,12 +42,12 @@ def _image_refs(paths: list[str] | None, where: str) -> list[Any]:
     return refs
 
 
-def _needs_vision(loaded: Any, refs: list[Any]) -> None:
+def _needs_vision(session: Any, refs: list[Any]) -> None:
     from nekotune.errors import UserError
 
-    if refs and not loaded.renderer.takes_images:
+    if refs and not session.renderer.takes_images:
         raise UserError(f"--image needs a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
-                        f"{loaded.spec.label} is a text model")
+                        f"{session.label} is a text model")
 
 
 @command
@@ -55,13 +55,17 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
              stdout: Any = None, images: list[str] | None = None) -> int:
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
-    pending = _image_refs(images, "--image")
-    loaded = load_for_inference(cfg, model_arg)
-    _needs_vision(loaded, pending)
-    settings = GenSettings.from_config(loaded.cfg.generate)
+    pending = _image_refs(images, "--image")  # checked before the model loads
+    with open_session(cfg, model_arg) as session:
+        _needs_vision(session, pending)
+        return _chat_loop(session, system, stdin, out, pending)
+
+
+def _chat_loop(session: Any, system: str | None, stdin: Any, out: Any, pending: list[Any]) -> int:
+    settings = session.settings()
     conv = Conversation(system=system)
     interactive = stdin.isatty()
-    out.write(f"nekotune chat with {loaded.spec.label}. /help for commands, /exit to quit.\n")
+    out.write(f"nekotune chat with {session.label}. /help for commands, /exit to quit.\n")
     out.flush()
     while True:
         try:
@@ -86,7 +90,7 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
         if text in ("exit", "quit", "/exit", "/quit"):
             return 0
         if text.startswith("/image"):
-            pending += _attach(text, loaded, out)
+            pending += _attach(text, session, out)
             continue
         if text.startswith("/"):
             conv, settings = _slash(text, conv, settings, out)
@@ -98,7 +102,7 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
         stop = threading.Event()
         pieces: list[str] = []
         try:
-            for piece in stream(loaded.model, loaded.renderer, conv, settings, stop=stop):
+            for piece in session.stream(conv, settings, stop=stop):
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
@@ -110,7 +114,7 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
         conv.turns.append(Turn("assistant", "".join(pieces).strip() or "..."))
 
 
-def _attach(text: str, loaded: Any, out: Any) -> list[Any]:
+def _attach(text: str, session: Any, out: Any) -> list[Any]:
     """`/image FILE`: a bad or missing image is one line, and the chat goes on."""
     from nekotune.errors import UserError
 
@@ -119,7 +123,7 @@ def _attach(text: str, loaded: Any, out: Any) -> list[Any]:
         if not path:
             raise UserError("/image needs a file: /image photo.jpg")
         refs = _image_refs([path], "/image")
-        _needs_vision(loaded, refs)
+        _needs_vision(session, refs)
     except UserError as exc:
         out.write(f"(not attached: {exc})\n")
         return []
@@ -166,13 +170,12 @@ def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False
     if not question.strip():
         raise UserError("the question is empty; pass the question as one argument in quotes")
     refs = _image_refs(images, "--image")
-    loaded = load_for_inference(cfg, model_arg)
-    _needs_vision(loaded, refs)
-    settings = GenSettings.from_config(loaded.cfg.generate)
-    conv = Conversation(turns=[user_turn(question.strip(), refs)], system=system)
-    answer = generate(loaded.model, loaded.renderer, conv, settings)
+    with open_session(cfg, model_arg) as session:
+        _needs_vision(session, refs)
+        conv = Conversation(turns=[user_turn(question.strip(), refs)], system=system)
+        answer = session.generate(conv, session.settings())
     if as_json:
-        print(json.dumps({"model": loaded.spec.label, "question": question, "answer": answer}, ensure_ascii=False))
+        print(json.dumps({"model": session.label, "question": question, "answer": answer}, ensure_ascii=False))
     else:
         print(answer)
     return 0

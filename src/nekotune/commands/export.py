@@ -55,13 +55,27 @@ def export_command(cfg: Config, model_arg: str | None, out: str, type: str = "q8
 
 
 @command
+def lora_command(cfg: Config, model_arg: str | None, out: str, dtype: str = "f16") -> Path:
+    from nekotune.api import export_gguf_lora
+    from nekotune.export.gguf import file_size
+
+    console = _stderr()
+    done = export_gguf_lora(model_arg, out, cfg, dtype=dtype)
+    console.print(f"wrote {done.path} ({done.tensors} LoRA pairs, {dtype}, {file_size(done.path)}, "
+                  f"architecture {done.arch})", soft_wrap=True, markup=False)
+    console.print("use it on the base model's GGUF: llama-cli -m BASE.gguf --lora " + str(done.path),
+                  soft_wrap=True, markup=False)
+    return done.path
+
+
+@command
 def ollama_command(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
-                   imatrix: str | None = None) -> Path:
+                   imatrix: str | None = None, adapter: bool = False) -> Path:
     from nekotune.api import export_ollama
 
     console = _stderr()
     with _gguf_bar(type, console) as progress:
-        done = export_ollama(model_arg, out, type, cfg, progress=progress, imatrix=imatrix)
+        done = export_ollama(model_arg, out, type, cfg, progress=progress, imatrix=imatrix, adapter=adapter)
     if done.warning:
         console.print(f"[yellow]warning:[/] {done.warning}")
     console.print(f"wrote {done.export.path}/Modelfile and {done.export.gguf.name} ({done.export.type}, "

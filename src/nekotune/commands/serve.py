@@ -36,6 +36,52 @@ def _model_arg(args) -> str | None:
     return pos or opt
 
 
+# -- issue 19: the engine that serves ---------------------------------------------------------
+def _serving_engine(cfg: Config, model_arg: str | None) -> str:
+    """generate.engine (--engine) for serving; the pick is a note on stderr."""
+    from nekotune.engines.session import choose, note
+    from nekotune.model import resolve_source
+
+    try:
+        source, effective = resolve_source(cfg, model_arg)
+    except UserError:
+        if cfg.generate.engine != "auto":
+            raise
+        return "transformers"  # its loader says what is wrong with --model, as before
+    choice = choose(effective, source, serving=True, lora=True)
+    note(choice)
+    return choice.name
+
+
+def _vllm_launch(cfg: Config, args: Any, adapters, api_key, cors, executable: str | None = None):
+    from nekotune.engines.vllm import vllm_launch
+
+    return vllm_launch(cfg, _model_arg(args), adapters, host=args.host, port=args.port, api_key=api_key,
+                       allow_hosts=args.allow_host, cors=cors, max_concurrency=args.max_concurrency,
+                       executable=executable)
+
+
+def _serve_vllm(cfg: Config, args: Any, adapters, api_key, cors) -> int:
+    from nekotune.engines.choose import vllm_executable
+    from nekotune.engines.vllm import run_vllm
+
+    launch = _vllm_launch(cfg, args, adapters, api_key, cors, executable=vllm_executable())
+    print(f"nekotune serve: starting vLLM's server:\n  {launch.shell()}\n"
+          f"  OpenAI base URL: http://{args.host}:{args.port}/v1{'  (API key required)' if api_key else ''}",
+          flush=True)
+    return run_vllm(launch)
+
+
+def _print_vllm_equivalent(cfg: Config, args: Any, adapters, api_key, cors) -> None:
+    """The `vllm serve` command that serves the same, for a GPU machine (never fails the serve)."""
+    try:
+        launch = _vllm_launch(cfg, args, adapters, api_key, cors)
+    except UserError as exc:
+        print(f"  (no vllm equivalent: {exc})", flush=True)
+        return
+    print(f"  on a GPU, vLLM serves the same: {launch.shell()}", flush=True)
+
+
 @command
 def serve_command(cfg: Config, args: Any) -> int:
     import uvicorn
@@ -49,7 +95,16 @@ def serve_command(cfg: Config, args: Any) -> int:
                         "--max-queue at least 0")
     host_policy(args.host, args.allow_host, cors or [])  # a bad --allow-host is refused before loading
     _check_port_free(args.host, args.port)
-    pool = load_pool(cfg, _model_arg(args), adapters, allow_remote_images=args.allow_remote_images)
+    engine = _serving_engine(cfg, _model_arg(args))
+    if engine == "vllm":
+        return _serve_vllm(cfg, args, adapters, api_key, cors or [])
+    if engine == "llama.cpp":
+        from nekotune.engines.serve_pool import load_llamacpp_pool
+
+        pool = load_llamacpp_pool(cfg, _model_arg(args), adapters)
+        print(f"nekotune serve: {pool.engine.describe()}", file=sys.stderr)
+    else:
+        pool = load_pool(cfg, _model_arg(args), adapters, allow_remote_images=args.allow_remote_images)
     app = create_app(pool, api_key=api_key, max_concurrency=args.max_concurrency,
                      max_tokens_cap=args.max_tokens_cap, cors_origins=cors, host=args.host,
                      allow_hosts=args.allow_host, max_body=args.max_body, max_queue=args.max_queue)
@@ -62,5 +117,6 @@ def serve_command(cfg: Config, args: Any) -> int:
     print(f"nekotune serve: models {', '.join(pool.names)} (context {pool.context_length} tokens)\n"
           f"  OpenAI base URL: http://{args.host}:{args.port}/v1"
           f"{'  (API key required)' if api_key else ''}", flush=True)
+    _print_vllm_equivalent(cfg, args, adapters, api_key, cors or [])
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

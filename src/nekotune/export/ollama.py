@@ -153,8 +153,8 @@ def quote(text: str) -> str:
 
 
 def modelfile_text(gguf_name: str, template: str | None, system: str | None, stops: list[str],
-                   gen_cfg: GenerateConfig) -> str:
-    lines = [f"FROM ./{gguf_name}"]
+                   gen_cfg: GenerateConfig, adapter_name: str | None = None) -> str:
+    lines = [f"FROM ./{gguf_name}"] + ([f"ADAPTER ./{adapter_name}"] if adapter_name else [])
     if template is not None:
         lines.append(f"TEMPLATE {quote(template)}")
     if system:
@@ -207,10 +207,49 @@ class OllamaResult:
     warning: str | None  # a TEMPLATE that does not reproduce the chat template, or none written
 
 
+def _adapter_refusal(source: Any, base_dir: Path) -> None:
+    """`--adapter` (issue 19): refused, in one line, where Ollama would not apply a LoRA GGUF."""
+    from nekotune.export.gguf import architecture
+    from nekotune.export.gguf_lora import check_exportable, ollama_takes_adapter
+    from nekotune.io import read_json
+
+    if not source.spec.adapter:
+        raise UserError(f"--adapter: {source.spec.label} holds no LoRA adapter; Ollama's ADAPTER needs a run or "
+                        f"adapter directory (drop --adapter to export the model itself)")
+    config = read_json(base_dir / "config.json")
+    if not ollama_takes_adapter(architecture(config)):
+        raise UserError(f"--adapter: Ollama runs {architecture(config)} models on its own engine, which does not "
+                        f"apply LoRA adapters; drop --adapter (the export then merges the adapter)")
+    check_exportable(Path(source.spec.adapter), config)
+
+
+def _write_ggufs(source: Any, tmp: Path, name: str, type: str, base_dir: Path, adapter: bool,
+                 progress: Progress | None, imatrix: str | None = None) -> tuple[str, str, str | None]:
+    """(model GGUF name, type written, LoRA GGUF name): merged, or the base plus the adapter."""
+    from dataclasses import replace
+
+    from nekotune.export.gguf import export_gguf
+    from nekotune.export.gguf_lora import write_lora_gguf
+    from nekotune.io import read_json
+    from nekotune.model import ModelSource
+
+    lora_name = None
+    if adapter:
+        lora_name = f"{name}-lora.gguf"
+        write_lora_gguf(source.spec.adapter, read_json(base_dir / "config.json"), tmp / lora_name, name=name)
+        source, name = replace(source, spec=ModelSource(base=source.spec.base)), f"{name}-base"
+    written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, progress, imatrix)
+    gguf_name = f"{name}-{written}.gguf"
+    if written != type:
+        (tmp / f"{name}-{type}.gguf").rename(tmp / gguf_name)
+    return gguf_name, written, lora_name
+
+
 def ollama_dir(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
-               progress: Progress | None = None, imatrix: str | None = None) -> OllamaResult:
-    """`nekotune export ollama`: a directory with the GGUF and a Modelfile."""
-    from nekotune.export.gguf import export_gguf, prepare
+               progress: Progress | None = None, imatrix: str | None = None, adapter: bool = False) -> OllamaResult:
+    """`nekotune export ollama`: a directory with the GGUF and a Modelfile; `adapter`: the base GGUF
+    and the adapter as a LoRA GGUF (Modelfile ADAPTER) instead of one merged GGUF."""
+    from nekotune.export.gguf import prepare
     from nekotune.export.gguf_meta import adds_special_tokens
     from nekotune.io import atomic_dir, claim_output_dir
     from nekotune.weights import local_model_dir, source_paths
@@ -220,15 +259,14 @@ def ollama_dir(cfg: Config, model_arg: str | None, out: str, type: str = "q4_0",
         raise UserError(f"--out {out} is a file; give a directory for the GGUF and the Modelfile")
     source = prepare(cfg, model_arg)
     base_dir = local_model_dir(source.spec.base, source.cfg.model.revision)
+    if adapter:
+        _adapter_refusal(source, base_dir)
     claim_output_dir(out_path, WRITTEN_BY, source_paths(source.spec, base_dir, model_arg))
     parts = modelfile_parts(source.renderer, adds_special_tokens(source.tokenizer)["bos"])
     name = ollama_name(source.name)
     with atomic_dir(out_path, WRITTEN_BY) as tmp:
-        written = export_gguf(source, tmp / f"{name}-{type}.gguf", type, progress, imatrix)
-        gguf_name = f"{name}-{written}.gguf"
-        if written != type:
-            (tmp / f"{name}-{type}.gguf").rename(tmp / gguf_name)
+        gguf_name, written, lora_name = _write_ggufs(source, tmp, name, type, base_dir, adapter, progress, imatrix)
         (tmp / "Modelfile").write_text(modelfile_text(gguf_name, parts.template, parts.system, parts.stops,
-                                                      source.cfg.generate), encoding="utf-8")
+                                                      source.cfg.generate, lora_name), encoding="utf-8")
     return OllamaResult(ExportResult(out_path, written, source.spec.label, out_path / gguf_name), name,
                         out_path / "Modelfile", parts.warning)

@@ -183,6 +183,8 @@ def effective_config(cfg: Config, source: ModelSource) -> Config:
         if not isinstance(inherited.get(section) or {}, dict):
             raise UserError(f"{source.run_dir}/config.yaml: `{section}` must be a mapping; the file is damaged")
     inherited["model"] = run_model_settings(inherited.get("model"), source.run_dir)
+    (inherited.get("generate") or {}).pop("engine", None)  # where to run is this machine's choice, not the run's
+    (inherited.get("generate") or {}).pop("gguf_type", None)
     (inherited.get("data") or {}).pop("path", None)
     (inherited.get("data") or {}).pop("val_path", None)
     return validate(deep_merge(inherited, cfg.model_dump(exclude_unset=True)), f"{source.run_dir}/config.yaml")

@@ -138,8 +138,12 @@ class Generation:
     def produce(self, put: Any) -> None:
         """Worker thread: the CPU work of an answer (generating, scanning for stops, counting) stays here."""
         scanner = StopScanner(self.stops)
-        pieces = stream(self.server.pool.model, self.entry.renderer, self.conv, self.settings, stop=self.stop,
-                        inputs=self.inputs)
+        pool = self.server.pool
+        if pool.engine is None:  # transformers on the pool's model, looked up here (tests replace it)
+            pieces = stream(pool.model, self.entry.renderer, self.conv, self.settings, stop=self.stop,
+                            inputs=self.inputs)
+        else:  # issue 19: another engine (llama.cpp) renders nothing itself: the entry's ids go in
+            pieces = pool.stream(self.entry, self.conv, self.settings, self.stop)
         with contextlib.closing(pieces):
             for piece in pieces:
                 out, self.hit_stop_string = scanner.feed(piece)

@@ -16,7 +16,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from nekotune.data.render import Renderer
 from nekotune.errors import UserError
@@ -115,8 +115,13 @@ class AdapterSwitch:
 
 
 class ModelPool:
-    def __init__(self, model: Any, tokenizer: Any, entries: list[Entry], context_length: int):
+    """`engine`: an engines.base.Engine that generates instead of transformers on `model` (issue 19's
+    llama.cpp engine, which switches adapters per call under its own lock; entries then name its
+    adapters). The pool never imports an engine: engines/serve_pool.py builds such pools."""
+
+    def __init__(self, model: Any, tokenizer: Any, entries: list[Entry], context_length: int, engine: Any = None):
         self.model = model
+        self.engine = engine
         self.tokenizer = tokenizer
         self.entries = {e.name: e for e in entries}
         self.context_length = context_length
@@ -132,7 +137,17 @@ class ModelPool:
 
     def lease(self, entry: Entry) -> Any:
         """Hold the model set to this entry's adapter for one generation (blocks while it switches)."""
-        return self.switch.use(entry.adapter)
+        return self.switch.use(entry.adapter) if self.engine is None else contextlib.nullcontext()
+
+    def stream(self, entry: Entry, conv: Any, settings: GenSettings,
+               stop: threading.Event) -> Generator[str, None, None]:
+        """One answer's text pieces for `entry`, from the entry's own rendering of `conv`."""
+        if self.engine is None:
+            from nekotune.generate import stream
+
+            return stream(self.model, entry.renderer, conv, settings, stop=stop)
+        return self.engine.stream(entry.renderer.prompt_ids(conv), settings, entry.renderer.stop_token_ids, stop,
+                                  adapter=entry.adapter)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -151,7 +166,7 @@ def context_length(model: Any, tokenizer: Any) -> int:
     return int(n)
 
 
-def _renderer(tokenizer, cfg, like: Renderer) -> Renderer:
+def entry_renderer(tokenizer, cfg, like: Renderer | None = None) -> Renderer:
     """Each name renders with its own run's template (the tokenizer is the served model's);
     `like`: the served model's renderer, whose processor and image policy a VLM's names share."""
     from nekotune.data.vision_render import VisionRenderer
@@ -192,7 +207,7 @@ def _same_base(a: str, b: str) -> bool:
     return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
 
 
-def _adapter_sources(spec: ModelSource, adapters: list[tuple[str, str]], outputs_root: str,
+def adapter_sources(spec: ModelSource, adapters: list[tuple[str, str]], outputs_root: str,
                      ) -> list[tuple[str, ModelSource]]:
     from nekotune.model import resolve
 
@@ -228,10 +243,10 @@ def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]],
     model = load_model(ModelSource(base=spec.base), served_cfg.model, precision, training=False)
     context = context_length(model, tokenizer)
     # The base answers with the served model's prompt settings, so base and fine-tuned compare fairly.
-    base = Entry(safe_name(f"base-{Path(spec.base.rstrip('/')).name}"), None, _renderer(tokenizer, served_cfg, served),
-                 GenSettings.from_config(served_cfg.generate), spec.base)
+    base = Entry(safe_name(f"base-{Path(spec.base.rstrip('/')).name}"), None,
+                 entry_renderer(tokenizer, served_cfg, served), GenSettings.from_config(served_cfg.generate), spec.base)
     entries = [base]
-    for i, (name, aspec) in enumerate(_adapter_sources(spec, adapters, cfg.output.root)):
+    for i, (name, aspec) in enumerate(adapter_sources(spec, adapters, cfg.output.root)):
         if name in {e.name for e in entries} or name == BASE_ALIAS:
             raise UserError(f"model name {name!r} is used twice; give each --adapter its own NAME")
         if not _same_base(aspec.base, spec.base):
@@ -239,7 +254,7 @@ def load_pool(cfg: Any, model_arg: str | None, adapters: list[tuple[str, str]],
                         spec.base)
         model = _add_adapter(model, aspec, internal=f"adapter{i}")
         ecfg = effective_config(cfg, aspec)
-        entries.append(Entry(name, f"adapter{i}", _renderer(tokenizer, ecfg, served),
+        entries.append(Entry(name, f"adapter{i}", entry_renderer(tokenizer, ecfg, served),
                              GenSettings.from_config(ecfg.generate),
                              aspec.label))
     model.eval()
