@@ -123,6 +123,7 @@ def test_warmup_and_value_translations():
     ({"torch_dtype": "int8"}, ["torch_dtype", "bfloat16"]),
     ({"device_map": {"": 0}}, ["device_map", "model.device"]),
     ({"dataset": "alpaca"}, ["dataset", "data.path", "dataset_dir"]),
+    ({"learning_rate": 1e-4, "train": {"lr": 2e-4}}, ["`learning_rate` and `train.lr` are both set"]),
     ({"deepspeed": "ds.json", "fsdp": "full_shard", "adam_beta1": 0.8, "neftune_noise_alpha": 5},
      ["deepspeed", "--nproc", "(and 1 more)"]),
 ])
@@ -240,6 +241,8 @@ def test_nekotune_options_are_never_rewritten():
     (["train", "--max_steps", "-1", "lora.r=4"], ["train", "max_steps=-1", "lora.r=4"]),
     (["train", "--system_prompt", "be brief", "--model_id", "m"], ["train", "system_prompt=be brief", "model_id=m"]),
     (["train", "--not-a-key", "5"], ["train", "--not-a-key", "5"]),
+    (["config", "show", "--preset", "6gb"], ["config", "show", "preset=6gb"]),
+    (["train", "--system_prompt", "x=y", "lora.r=4"], ["train", "system_prompt=x=y", "lora.r=4"]),
     (["train", "--dataset", "identity,alpaca_en_demo", "--stage", "sft"],
      ["train", "dataset=identity,alpaca_en_demo", "stage=sft"]),
 ])
@@ -258,3 +261,16 @@ def test_dotted_keys_need_the_config_keys():
                                        ("lora.rank", "rank` (= `lora.r"), ("zzzzqqq", None)])
 def test_suggest(key: str, hint: str | None):
     assert aliases.suggest(key, all_keys()) == hint
+
+
+def test_nekotune_configs_pass_through_unchanged():
+    """Wiring translate into config loading changes nothing for nekotune's own configs."""
+    from pathlib import Path
+
+    from nekotune.config import DEMO_CONFIG
+
+    files = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")) + [DEMO_CONFIG]
+    assert len(files) >= 4
+    for path in files:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        assert aliases.translate(raw, str(path)) == (raw, []), path

@@ -132,3 +132,31 @@ def test_peak_rss_without_resource_uses_psutil(monkeypatch):
     import psutil
 
     assert devices.peak_rss_mb() == pytest.approx(psutil.Process().memory_info().rss / 2**20, rel=0.2)
+
+
+def test_training_plan():
+    plan = devices.plan_training(GPU, quantization="4bit")
+    assert (plan.precision.name, plan.quantization, plan.grad_checkpointing, plan.packing) == ("bf16", "4bit", True,
+                                                                                             True)
+    plan = devices.plan_training(mac(chip="Apple M1"), grad_checkpointing=True, packing=False)
+    assert (plan.device, plan.precision.name, plan.grad_checkpointing, plan.packing) == ("mps", "bf16", True, False)
+    assert plan.notes and "emulates" in plan.notes[0]
+    assert devices.plan_training(CPU).grad_checkpointing is False
+    for facts in (CPU, mac()):
+        with pytest.raises(UserError, match="model.quantization=4bit: QLoRA .* needs an NVIDIA GPU"):
+            devices.plan_training(facts, quantization="4bit")
+
+
+def test_the_plan_matches_what_train_decides_today():
+    """wants_grad_checkpointing (train.py) and plan_training agree, so phase B can swap them."""
+    from nekotune.config import load_config
+    from nekotune.train import wants_grad_checkpointing
+
+    for facts in (CPU, GPU, mac()):
+        for overrides in ([], ["train.grad_checkpointing=true"], ["train.grad_checkpointing=false"],
+                          ["model.quantization=4bit"]):
+            cfg = load_config(None, overrides, default_to_demo=False)
+            if cfg.model.quantization and facts.kind != "cuda":
+                continue
+            plan = devices.plan_training(facts, cfg.model.dtype, cfg.model.quantization, cfg.train.grad_checkpointing)
+            assert plan.grad_checkpointing == wants_grad_checkpointing(cfg, facts.kind)

@@ -174,6 +174,34 @@ def _mps_precision(facts: DeviceFacts, requested: str, training: bool) -> Precis
                                          f"on MPS: fp32 needs twice the memory; upgrade torch (and macOS)")
 
 
+# -- the plan both train and estimate follow -------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training on this device will do; `estimate` counts memory from the same plan."""
+
+    device: str
+    precision: PrecisionChoice
+    quantization: str | None  # "4bit" | "8bit" | None
+    grad_checkpointing: bool
+    packing: bool
+    notes: tuple[str, ...] = ()
+
+
+def plan_training(facts: DeviceFacts, dtype: str = "auto", quantization: str | None = None,
+                  grad_checkpointing: bool | str = "auto", packing: bool = True) -> TrainingPlan:
+    """model.dtype, model.quantization, train.grad_checkpointing and data.packing on this device.
+    Gradient checkpointing on `auto` is on only for QLoRA on CUDA, where memory is what is
+    short; on a CPU or a Mac recomputation costs ~30% speed and the RAM is usually there."""
+    if quantization:
+        ok, why = capability(facts, "qlora")
+        if not ok:
+            raise UserError(f"model.quantization={quantization}: {why}")
+    precision = choose_precision(facts, dtype, training=True)
+    ckpt = bool(grad_checkpointing) if grad_checkpointing != "auto" else facts.kind == "cuda" and bool(quantization)
+    notes = tuple(n for n in (precision.note,) if n)
+    return TrainingPlan(facts.kind, precision, quantization, ckpt, packing, notes)
+
+
 # -- what a device can run ---------------------------------------------------------------------
 def capability(facts: DeviceFacts, option: str) -> tuple[bool, str]:
     """(can run, what to do instead) for "qlora", "flash_attention", "liger", "grad_checkpointing"."""

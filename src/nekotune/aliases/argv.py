@@ -47,7 +47,7 @@ def _kind(name: str, config_keys: set[str]) -> str | None:
         return ALIASES[name].kind
     if name in lf.LIST_KEYS or name in ("dataset", "eval_dataset"):
         return "list"
-    if name in known_names() or name in config_keys:
+    if name in known_names() or name in config_keys or name == "preset":
         return "value"
     return None
 
@@ -75,18 +75,26 @@ def normalize_argv(argv: list[str], config_keys: Iterable[str] = (),
             continue
         values: list[str] = []
         i += 1
-        while i < len(argv) and _is_value(argv[i], kind, values):
+        while i < len(argv) and _is_value(argv[i], kind, values, keys):
             values.append(argv[i])
             i += 1
         out.append(f"{name}={','.join(values) if values else 'true'}")
     return out
 
 
-def _is_value(token: str, kind: str, taken: list[str]) -> bool:
+def _is_override(token: str, config_keys: set[str]) -> bool:
+    """`lora.r=4`, `preset=8gb`, `learning_rate=1e-4`; not a value such as `a=b` in a prompt."""
+    if not _OVERRIDE.match(token):
+        return False
+    key = token.split("=", 1)[0]
+    return "." in key or key == "preset" or key in known_names() or key in config_keys
+
+
+def _is_value(token: str, kind: str, taken: list[str], config_keys: set[str]) -> bool:
     """Whether `token` is (part of) the value of the flag before it. A value is never an option
     (`-1` is a value, `--x` is not) nor a `key=value` override; lists take several values but
     never the config file; a bool flag takes only a true/false word."""
-    if (token.startswith("--") and len(token) > 2) or _OVERRIDE.match(token) or token in ("-m", "-h"):
+    if (token.startswith("--") and len(token) > 2) or token in ("-m", "-h") or _is_override(token, config_keys):
         return False
     if kind == "bool":
         return not taken and token.lower() in _BOOL_WORDS

@@ -72,13 +72,17 @@ def translate(raw: Mapping[str, Any], source: str = "the config", *,
     notes: list[Note] = []
     errors: list[str] = []
     names = known_names()
+    nested_leaves = {f"{s}.{k}" for s in SECTIONS if isinstance(raw.get(s), Mapping) for k in raw[s]}
     for key, value in raw.items():
-        if key in ("model", "data") and isinstance(value, str):  # `model: Qwen/Qwen3-1.7B`, `data: train.json`
+        target = ALIASES[key].target if key in ALIASES else SAME_NAME.get(key)
+        if target in nested_leaves:  # `learning_rate: 1e-4` beside `train: {lr: 2e-4}`: which one is meant?
+            errors.append(f"`{key}` and `{target}` are both set; keep one")
+        elif key in ("model", "data") and isinstance(value, str):  # `model: Qwen/Qwen3-1.7B`, `data: train.json`
             target = "model.name_or_path" if key == "model" else "data.path"
             set_dotted(nested, target, value)
             notes.append(Note(f"{key} -> {target}"))
         elif key in SECTIONS or key == "preset":
-            nested[key] = _merge(nested.get(key), value)
+            nested[key] = _merge(nested.get(key), value)  # nested keys first, flat ones never clash (above)
         elif key in names and key not in CONTEXTUAL:
             _one(key, value, nested, notes, errors)
         elif lf.family_reason(key):  # galore_rank, pref_beta, ...: settings of methods nekotune does not run
