@@ -46,7 +46,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def _cpu_flags() -> str:
     try:
-        return Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
 
