@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from alias_fixtures import QWEN3_LORA_SFT, without_new_keys
+from alias_fixtures import QWEN3_LORA_SFT
 
-from nekotune import aliases
 from nekotune import llamafactory as lf
-from nekotune.config import Config
 from nekotune.data.formats import to_conversations
+from nekotune.data.llamafactory import read_dataset
 from nekotune.errors import UserError
 
 LF_DEMO = Path(__file__).resolve().parents[2] / "shared" / "data" / "llamafactory_alpaca_demo"
@@ -72,7 +71,7 @@ def _messages(rows) -> list[list[dict]]:
 
 def test_alpaca_columns_system_and_history(data_dir: Path):
     [ds] = lf.resolve_datasets("alpaca", data_dir)
-    rows = lf.read_dataset(ds)
+    rows = read_dataset(ds)
     assert _messages(rows)[0] == [{"role": "system", "content": "be exact"}, {"role": "user", "content": "hi"},
                                   {"role": "assistant", "content": "hello"},
                                   {"role": "user", "content": "Add\n1 and 2"},  # one newline, as LLaMA-Factory joins
@@ -87,26 +86,26 @@ def test_given_columns_replace_the_defaults(data_dir: Path):
     """LLaMA-Factory: when `columns` is given, the columns it leaves out are None (no `input`)."""
     [ds] = lf.resolve_datasets(["qa"], data_dir)
     assert ds.columns["query"] is None and ds.columns["prompt"] == "question"
-    assert _messages(lf.read_dataset(ds))[0] == [{"role": "user", "content": "2+2?"},
+    assert _messages(read_dataset(ds))[0] == [{"role": "user", "content": "2+2?"},
                                                  {"role": "assistant", "content": "4"}]  # numbers become text
 
 
 def test_sharegpt_default_and_custom_tags(data_dir: Path):
     sg, mm = lf.resolve_datasets("sg,mm", data_dir)
-    assert _messages(lf.read_dataset(sg)) == [[{"role": "system", "content": "be brief"},
+    assert _messages(read_dataset(sg)) == [[{"role": "system", "content": "be brief"},
                                                {"role": "user", "content": "hi"},
                                                {"role": "assistant", "content": "yo"}]]
     assert mm.tags["system_tag"] is None and mm.tags["role_tag"] == "role"  # given tags replace all defaults
-    assert _messages(lf.read_dataset(mm))[0][0] == {"role": "system", "content": "system from a column"}
+    assert _messages(read_dataset(mm))[0][0] == {"role": "system", "content": "system from a column"}
 
 
 def test_num_samples_max_samples_and_folders(data_dir: Path):
     [parts] = lf.resolve_datasets("parts", data_dir)
     assert [p.name for p in parts.files] == ["a.json", "b.json"]
-    rows = lf.read_dataset(parts, seed=1)
+    rows = read_dataset(parts, seed=1)
     assert len(rows) == 5  # 2 rows resampled to num_samples=5: each one at least once
     assert {r.data["messages"][0]["content"] for r in rows} == {"a", "b"}
-    assert lf.read_dataset(parts, max_samples=3, seed=1) == rows[:3]
+    assert read_dataset(parts, max_samples=3, seed=1) == rows[:3]
     assert lf.sample_rows([1, 2, 3, 4], 2, 0) == lf.sample_rows([1, 2, 3, 4], 2, 0)
     assert sorted(lf.sample_rows([1, 2, 3, 4], 4, 0)) == [1, 2, 3, 4]
 
@@ -114,9 +113,9 @@ def test_num_samples_max_samples_and_folders(data_dir: Path):
 def test_pretraining_text(data_dir: Path):
     c4, alpaca = lf.resolve_datasets("c4,alpaca", data_dir, stage="pt")
     assert c4.format == "text"
-    assert [r.data for r in lf.read_dataset(c4)] == [{"text": "first line of text"}, {"text": "second line"}]
-    assert lf.read_dataset(alpaca)[0].data == {"text": "hi"}  # the first prompt's text, as LLaMA-Factory pre-trains
-    convs, fmt = to_conversations(lf.read_dataset(c4), "text")
+    assert [r.data for r in read_dataset(c4)] == [{"text": "first line of text"}, {"text": "second line"}]
+    assert read_dataset(alpaca)[0].data == {"text": "hi"}  # the first prompt's text, as LLaMA-Factory pre-trains
+    convs, fmt = to_conversations(read_dataset(c4), "text")
     assert fmt == "text" and convs[1].text == "second line"
 
 
@@ -139,7 +138,7 @@ def test_hub_entries_and_modelscope(data_dir: Path, monkeypatch):
     [hub] = lf.resolve_datasets("hub", data_dir)
     assert hub.hub == "modelscope"
     with pytest.raises(UserError, match="ModelScope"):
-        lf.read_dataset(hub)
+        read_dataset(hub)
     online = lf.resolve_datasets("org/set", "ONLINE")
     assert online[0].hub == "modelscope" and online[0].hub_id == "org/set"
 
@@ -195,39 +194,36 @@ def test_the_demo_datasets_from_shared_data(tmp_path: Path):
         pytest.skip(f"{LF_DEMO} not available (../shared is absent)")
     info = {n: {"file_name": str(LF_DEMO / f"{n}.json")} for n in ("identity", "alpaca_en_demo", "alpaca_zh_demo")}
     _write(tmp_path / "dataset_info.json", info)
-    counts = {ds.name: len(lf.read_dataset(ds)) for ds in lf.resolve_datasets(list(info), tmp_path)}
+    counts = {ds.name: len(read_dataset(ds)) for ds in lf.resolve_datasets(list(info), tmp_path)}
     assert counts == {"identity": 91, "alpaca_en_demo": 999, "alpaca_zh_demo": 1000}
     [zh] = lf.resolve_datasets("alpaca_zh_demo", tmp_path)
-    convs, _ = to_conversations(lf.read_dataset(zh, max_samples=10), "messages")
+    convs, _ = to_conversations(read_dataset(zh, max_samples=10), "messages")
     assert len(convs) == 10 and convs[0].turns[0].content.startswith("识别并解释")
 
 
-def test_llamafactory_yaml_trains_on_its_own_datasets(tiny_qwen3: Path, tmp_path: Path):
-    """qwen3_lora_sft.yaml with a tiny model: translated, its datasets resolved through
-    dataset_info.json, trained by nekotune. Until phase B wires `data.dataset` into the data
-    stage, the resolved rows reach the trainer as a messages JSONL."""
-    from nekotune.train import train
+def test_llamafactory_yaml_trains_on_its_own_datasets(tiny_qwen3: Path, tmp_path: Path, monkeypatch, capsys):
+    """qwen3_lora_sft.yaml as LLaMA-Factory ships it (only the model swapped for a tiny one), run
+    from a folder whose data/dataset_info.json names its datasets, as `llamafactory-cli train`
+    runs it; the command line shortens it in LLaMA-Factory's own words and nekotune's."""
+    from nekotune.cli import main
 
     if not LF_DEMO.is_dir():
         pytest.skip(f"{LF_DEMO} not available (../shared is absent)")
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    _write(data_dir / "dataset_info.json", {n: {"file_name": str(LF_DEMO / f"{n}.json")}
-                                            for n in ("identity", "alpaca_en_demo")})
-    raw = yaml.safe_load(QWEN3_LORA_SFT)
-    raw.update(model_name_or_path=str(tiny_qwen3), dataset_dir=str(data_dir), max_samples=40)
-    nested, _ = aliases.translate(raw, "qwen3_lora_sft.yaml")
-    datasets = lf.resolve_datasets(nested["data"]["dataset"], nested["data"]["dataset_dir"])
-    rows = [r for ds in datasets for r in lf.read_dataset(ds, max_samples=nested["data"]["max_rows"])]
-    assert len(rows) == 80  # max_samples applies to each dataset
-    jsonl = tmp_path / "resolved.jsonl"
-    jsonl.write_text("".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    nested["data"].update(path=str(jsonl), max_rows=None, max_seq_len=96, format="messages")
-    nested["train"].update(max_steps=2, batch_size=2, grad_accum=1, save_steps=None)
-    nested["output"].update(dir=str(tmp_path / "run"), sample_prompts=None, tensorboard=False, plot=False)
-    cfg = Config.model_validate(without_new_keys(nested))
-    assert (cfg.lora.r, cfg.lora.alpha, cfg.data.enable_thinking, cfg.model.dtype) == (8, 16, False, "bf16")
-    run = train(cfg, show_progress=False)
-    info = json.loads((Path(run) / "run.json").read_text(encoding="utf-8"))
-    assert info["data"]["train_rows"] == 80
-    assert (Path(run) / "adapter" / "adapter_model.safetensors").is_file()
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "data" / "dataset_info.json", {n: {"file_name": str(LF_DEMO / f"{n}.json")}
+                                                     for n in ("identity", "alpaca_en_demo")})
+    yaml_file = tmp_path / "qwen3_lora_sft.yaml"
+    yaml_file.write_text(QWEN3_LORA_SFT.replace("Qwen/Qwen3-4B-Instruct-2507", str(tiny_qwen3)), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # dataset_dir defaults to data/, relative to where it runs
+    run = tmp_path / "run"
+    code = main(["train", str(yaml_file), "--max_samples", "40", "--cutoff_len=96", "--max_steps", "2",
+                 "--per_device_train_batch_size", "2", "gradient_accumulation_steps=1", f"output_dir={run}",
+                 "output.tensorboard=false", "--no-samples", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    assert info["data"]["train_rows"] == 80  # max_samples applies to each dataset
+    assert info["data"]["path"] == "data: identity,alpaca_en_demo"
+    saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    assert (saved["lora"]["r"], saved["lora"]["alpha"], saved["data"]["enable_thinking"]) == (8, 16, False)
+    assert (saved["model"]["dtype"], saved["train"]["max_steps"], saved["data"]["max_seq_len"]) == ("bf16", 2, 96)
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -9,8 +9,9 @@ translation is in aliases.py; this module holds what is LLaMA-Factory's own:
   (nekotune always renders with the model's template; a note says when they look different);
 - datasets by name: `resolve_datasets(names, dataset_dir)` reads dataset_info.json as
   LLaMA-Factory's data/parser.py does (file_name or hub ids, formatting, columns, tags, split,
-  num_samples), and `read_dataset` turns each row into nekotune's `messages` (or `text`) row,
-  following data/converter.py, so nekotune's own readers and checks take over from there.
+  num_samples), and `convert_row` turns each row into nekotune's `messages` (or `text`) row,
+  following data/converter.py; the data stage reads the files (data/llamafactory.py), so
+  nekotune's own readers and checks take over from there.
 
 Why not squeeze this into `data.columns`: LLaMA-Factory's columns are optional (a missing
 `query` is no error), its ShareGPT tags rename roles, and several datasets are mixed; one small
@@ -324,41 +325,6 @@ def _files(path: Path, where: str) -> tuple[Path, ...]:
 
 
 # -- rows ----------------------------------------------------------------------------------------
-def read_dataset(ds: LFDataset, max_samples: int | None = None, seed: int = 42) -> list:
-    """The dataset's rows as nekotune rows (`nekotune.data.sources.Row`) in `ds.format`, each
-    still naming its file and row. num_samples resamples first, then max_samples keeps the
-    first rows of this dataset, in LLaMA-Factory's order."""
-    from nekotune.data.sources import Row, read_rows
-
-    if ds.hub == "modelscope":
-        raise UserError(f"dataset `{ds.name}` is on ModelScope ({ds.hub_id}); download it (modelscope download "
-                        f"--dataset {ds.hub_id}) and point file_name at the files")
-    if ds.hub and (ds.subset or ds.folder):
-        raise UserError(f"dataset `{ds.name}`: subset/folder of a hub dataset; download it and point file_name at "
-                        f"the files")
-    if ds.hub:
-        rows = read_rows(str(ds.hub_id), split=ds.split)
-    else:
-        rows = [r for f in ds.files for r in (_read_text(f) if f.suffix.lower() == ".txt" else read_rows(str(f)))]
-    if ds.num_samples is not None:
-        rows = sample_rows(rows, int(ds.num_samples), seed)
-    if max_samples is not None:
-        rows = rows[:max_samples]
-    return [Row(convert_row(ds, r.data, r.where), r.where) for r in rows]
-
-
-def _read_text(path: Path) -> list:
-    """A .txt dataset is one row per line (`{"text": line}`), as the datasets text builder reads
-    it; blank lines separate paragraphs and are not rows."""
-    from nekotune.data.sources import Row
-
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
-    return [Row({"text": line}, f"{path} line {i}") for i, line in enumerate(lines, start=1) if line.strip()]
-
-
 def sample_rows(rows: list, n: int, seed: int) -> list:
     """LLaMA-Factory's num_samples: a permutation of all rows cut to n, topped up with random
     draws when n is larger (so every row is used before any repeats)."""
