@@ -150,7 +150,7 @@ def test_training_plan():
 def test_the_plan_matches_what_train_decides_today():
     """wants_grad_checkpointing (train.py) and plan_training agree, so phase B can swap them."""
     from nekotune.config import load_config
-    from nekotune.train import wants_grad_checkpointing
+    from nekotune.training import wants_grad_checkpointing
 
     for facts in (CPU, GPU, mac()):
         for overrides in ([], ["train.grad_checkpointing=true"], ["train.grad_checkpointing=false"],

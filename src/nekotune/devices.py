@@ -31,6 +31,8 @@ import platform
 import re
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from nekotune.errors import UserError
 
@@ -90,9 +92,54 @@ def probe(kind: str | None = None) -> DeviceFacts:
         recommended = torch.mps.recommended_max_memory() / MB if hasattr(torch.mps, "recommended_max_memory") else None
         return DeviceFacts(kind, torch_v, macos_version=_version(platform.mac_ver()[0]), chip=_mac_chip(),
                            total_memory_mb=ram, recommended_max_mb=recommended, bitsandbytes=bnb)
-    from nekotune.model import cpu_has_fast_bf16
-
     return DeviceFacts(kind, torch_v, total_memory_mb=ram, cpu_fast_bf16=cpu_has_fast_bf16(), bitsandbytes=bnb)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmul is ~4x fp32 on CPUs with AVX512-BF16/AMX and much slower elsewhere."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "avx512_bf16" in _cpu_flags() \
+            or "amx_bf16" in _cpu_flags()
+    except Exception:
+        return False
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def light_facts(requested: str = "auto") -> DeviceFacts:
+    """This machine's facts without importing torch, for `estimate` (it answers in well under a
+    second): a GPU when nvidia-smi exists, Apple silicon from the platform. A CUDA GPU is taken
+    as able to run bf16 and QLoRA (bitsandbytes installs there); the CPU's bf16 units come from
+    its flags, as cpu_has_fast_bf16 reads them."""
+    import importlib.metadata
+    import importlib.util
+    import shutil
+
+    import psutil
+
+    apple = sys.platform == "darwin" and platform.machine() == "arm64"
+    kind = requested if requested != "auto" else "cuda" if shutil.which("nvidia-smi") else "mps" if apple else "cpu"
+    try:
+        torch_v = _version(importlib.metadata.version("torch"))
+    except importlib.metadata.PackageNotFoundError:
+        torch_v = (0, 0)
+    ram = psutil.virtual_memory().total / MB
+    if kind == "cuda":
+        return DeviceFacts("cuda", torch_v, cuda_bf16=True, bitsandbytes=True)
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if kind == "mps":
+        return DeviceFacts("mps", torch_v, macos_version=_version(platform.mac_ver()[0]), chip=_mac_chip(),
+                           total_memory_mb=ram, bitsandbytes=bnb)
+    flags = _cpu_flags()
+    return DeviceFacts("cpu", torch_v, total_memory_mb=ram, cpu_fast_bf16="avx512_bf16" in flags or "amx_bf16" in flags,
+                       bitsandbytes=bnb)
 
 
 def _mac_chip() -> str:
@@ -197,9 +244,32 @@ def plan_training(facts: DeviceFacts, dtype: str = "auto", quantization: str | N
         if not ok:
             raise UserError(f"model.quantization={quantization}: {why}")
     precision = choose_precision(facts, dtype, training=True)
-    ckpt = bool(grad_checkpointing) if grad_checkpointing != "auto" else facts.kind == "cuda" and bool(quantization)
+    ckpt = wants_grad_checkpointing(facts.kind, quantization, grad_checkpointing)
     notes = tuple(n for n in (precision.note,) if n)
     return TrainingPlan(facts.kind, precision, quantization, ckpt, packing, notes)
+
+
+def wants_grad_checkpointing(device: str, quantization: str | None, requested: bool | str = "auto") -> bool:
+    """train.grad_checkpointing: `auto` is on only for QLoRA on CUDA (training and estimate ask here)."""
+    return bool(requested) if requested != "auto" else device == "cuda" and bool(quantization)
+
+
+def adapt_config(cfg: Any, facts: DeviceFacts) -> tuple[Any, list[str]]:
+    """The config as this device trains it: a preset's QLoRA (6gb, 8gb) on a CPU or a Mac is left
+    out with a note (adapt_preset), so the preset still runs there as LoRA. A quantization the
+    user set beside a preset that sets the same one cannot be told apart and is left out too."""
+    from nekotune.config import PRESETS
+
+    preset = PRESETS.get(cfg.preset or "", {})
+    wanted = preset.get("model", {}).get("quantization")
+    if not wanted or cfg.model.quantization != wanted:
+        return cfg, []
+    adapted, notes = adapt_preset(cfg.preset, preset, facts)
+    if "quantization" in adapted.get("model", {}):
+        return cfg, []
+    out = cfg.model_copy(deep=True)
+    out.model.quantization = None
+    return out, notes
 
 
 # -- what a device can run ---------------------------------------------------------------------
