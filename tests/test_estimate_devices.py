@@ -102,3 +102,13 @@ def test_train_picks_the_mps_precision(monkeypatch):
     monkeypatch.setattr(devices, "probe", lambda kind=None: DeviceFacts("mps", (2, 13), macos_version=(13, 6)))
     p = pick_precision("mps", "auto", training=True)
     assert (p.weights, p.autocast) == (torch.float16, torch.float16)  # no bf16 before macOS 14
+
+
+def test_modules_to_save_are_counted():
+    plain = estimate_training(_cfg("model.device=cuda"), QWEN3_8B, facts=GPU)
+    saved = estimate_training(_cfg("model.device=cuda", "lora.modules_to_save=[embed_tokens,lm_head]"), QWEN3_8B,
+                              facts=GPU)
+    arch = saved.arch
+    extra = saved.estimate.items["modules_to_save copies + grads + AdamW"]
+    assert extra * 2**20 == 2 * arch.vocab * arch.hidden * 4 * 2  # two vocab x hidden copies, bf16, grad + 2 moments
+    assert saved.estimate.total_mb > plain.estimate.total_mb + extra  # and their allocator slack

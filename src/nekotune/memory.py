@@ -140,6 +140,7 @@ class Settings:
     lora_r: int = 16
     targets: tuple[str, ...] = LINEAR_NAMES
     dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # lora.modules_to_save: whole modules trained beside LoRA
     chunked_loss: bool = True
     grad_accum: int = 1
 
@@ -158,6 +159,14 @@ class Estimate:
         return {"model": self.model, "settings": self.settings,
                 "items_mb": {k: round(v, 1) for k, v in self.items.items()}, "total_mb": round(self.total_mb, 1),
                 "total_gb": round(self.total_mb / 1024, 2)}
+
+
+def saved_module_params(arch: Arch, names: tuple[str, ...]) -> int:
+    """Parameters of lora.modules_to_save: peft trains a full copy of each (embed_tokens and
+    lm_head are vocab x hidden each, about 1B on Llama-3-8B); other names are per-layer norms."""
+    sizes = {"embed_tokens": arch.vocab * arch.hidden, "lm_head": arch.vocab * arch.hidden,
+             "wte": arch.vocab * arch.hidden, "norm": arch.hidden}
+    return sum(sizes.get(n, arch.layers * arch.hidden) for n in names)
 
 
 def lora_params(arch: Arch, r: int, targets: tuple[str, ...], dora: bool = False) -> int:
@@ -191,6 +200,9 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
     n_lora = lora_params(arch, s.lora_r, s.targets, s.dora)
     est.items["base weights"] = base_weights_bytes(arch, s) / MB
     est.items["LoRA weights + grads + AdamW (fp32)"] = n_lora * 16 / MB
+    if s.modules_to_save:  # a trained copy in the base dtype, its gradient and two AdamW moments
+        est.items["modules_to_save copies + grads + AdamW"] = (saved_module_params(arch, s.modules_to_save)
+                                                              * 4 * s.weight_bytes / MB)
     factor = CPU_ACTIVATION_FACTOR if s.device == "cpu" else 1.0  # MPS: the GPU's tensor count, no glibc
     per_layer = activation_elems_per_token_layer(arch, s) * s.act_bytes * factor
     if s.grad_ckpt:
@@ -253,6 +265,7 @@ def settings_from_config(cfg: Any, device: str, facts: devices.DeviceFacts | Non
     return Settings(device=device, weight_bytes=weight_bytes, act_bytes=act_bytes,
                     quant4=plan.quantization == "4bit", batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                     grad_ckpt=plan.grad_checkpointing, lora_r=cfg.lora.r, targets=tuple(targets),
+                    modules_to_save=tuple(cfg.lora.modules_to_save or ()),
                     dora=cfg.lora.use_dora, grad_accum=cfg.train.grad_accum)
 
 
