@@ -27,6 +27,11 @@ ALLOCATOR_SLACK = 0.10  # freed-but-held blocks (glibc arenas on CPU, the cachin
 # below (fp32 copies inside RMSNorm and rotary, views made contiguous, per-example attention
 # pieces) and glibc keeps freed blocks. One factor for all rows, not one per row.
 CPU_ACTIVATION_FACTOR = 1.25
+# bf16 autocast on a CPU does not halve the activations: RMSNorm, softmax, the loss and the LoRA
+# branches keep fp32 tensors beside the bf16 ones. Bytes per activation element fitted to the
+# smollm2 rows of bench/estimate_memory.py (December 2026 run, AVX512-BF16 CPU); not yet checked
+# on a full rerun of every row.
+CPU_BF16_ACT_BYTES = 3.2
 CKPT_KEPT_HIDDEN = {"cpu": 6, "cuda": 2}  # hidden-sized tensors per layer and token kept under checkpointing
 SEEDS_RULES = {"lora": (3, 4), "qlora": (2.5, 2.5), "full": (20, 20)}  # GB per billion parameters
 
@@ -262,6 +267,8 @@ def settings_from_config(cfg: Any, device: str, facts: devices.DeviceFacts | Non
                                  cfg.data.packing)
     weight_bytes = plan.precision.weight_bytes
     act_bytes = 2.0 if plan.precision.autocast in ("bf16", "fp16") else weight_bytes
+    if device == "cpu" and plan.precision.autocast == "bf16":
+        act_bytes = CPU_BF16_ACT_BYTES
     return Settings(device=device, weight_bytes=weight_bytes, act_bytes=act_bytes,
                     quant4=plan.quantization == "4bit", batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                     grad_ckpt=plan.grad_checkpointing, lora_r=cfg.lora.r, targets=tuple(targets),
