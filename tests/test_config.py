@@ -38,7 +38,8 @@ def test_relative_paths_resolve_next_to_yaml(tmp_path, monkeypatch):
 @pytest.mark.parametrize("override,needle", [
     ("lora.rank=8", "did you mean `lora.r`"),
     ("trian.lr=1", "did you mean `train.lr`"),
-    ("lr=1", "did you mean `train.lr`"),
+    ("learnig_rate=1", "did you mean `learning_rate` or `train.lr`"),  # flat `lr=1` is accepted (issue 15)
+    ("val_splt=0.1", "or `data.val_size`"),
     ("train.lr=fast", "`train.lr`"),
     ("train.batch_size=0", "`train.batch_size`"),
     ("data.format=csvish", "`data.format`"),

@@ -51,7 +51,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    from nekotune.config import load_config_notes
+
+    path, overrides = _split_rest(getattr(args, "rest", []) or [])
+    cfg, notes = load_config_notes(path, overrides)
+    # one comment line per translated or ignored key: the output stays a valid nekotune YAML
+    for note in notes:
+        print(f"# {note}")
     print(cfg.to_yaml(), end="")
     return 0
 
@@ -339,7 +345,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check this machine")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+    _localize_help(parser)
     return parser
+
+
+def _localize_help(parser: argparse.ArgumentParser) -> None:
+    """issue 15: the help in Chinese when the locale or NEKOTUNE_LANG says so (messages.HELP_ZH)."""
+    from nekotune.messages import help_text, lang
+
+    if lang() != "zh":
+        return
+    parser.description = help_text(parser.description or "") or None
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if action.help:
+            action.help = help_text(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = help_text(choice.help or "")
+            for sub in set(action.choices.values()):
+                _localize_help(sub)
 
 
 def _quiet_libraries() -> None:
@@ -364,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _quiet_libraries()
     parser = build_parser()
+    # Other tools' `--learning_rate 1e-4` / `--load_in_4bit` forms -> `learning_rate=1e-4` (issue 15)
+    argv = _normalize_argv(sys.argv[1:] if argv is None else list(argv))
     # Overrides may follow options (`data check f.json --model m key=value`): argparse leaves
     # those as unknown, and they join the overrides here.
     args, unknown = parser.parse_known_args(argv)
@@ -383,16 +409,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else EXIT_USER
     from nekotune.commands.console import notes_to_stderr
+    from nekotune.messages import label, localize
 
     try:
         with notes_to_stderr():
             return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"nekotune: error: {exc}", file=sys.stderr)
+        print(f"nekotune: {label('error')}: {localize(str(exc))}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
-        print("\nnekotune: interrupted", file=sys.stderr)
+        print(f"\nnekotune: {label('interrupted')}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _normalize_argv(argv: list[str]) -> list[str]:
+    from nekotune.aliases import normalize_argv
+    from nekotune.config import all_keys
+
+    return normalize_argv(argv, all_keys())
 
 
 if __name__ == "__main__":

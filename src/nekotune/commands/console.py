@@ -19,8 +19,10 @@ class _Lines(logging.Handler):
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
+        from nekotune.messages import localize
+
         try:
-            sys.stderr.write(record.getMessage() + "\n")
+            sys.stderr.write(localize(record.getMessage()) + "\n")  # Chinese where the catalogue has it
             sys.stderr.flush()
         except Exception:  # a closed stream must not turn a note into a crash
             self.handleError(record)

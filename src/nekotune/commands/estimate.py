@@ -26,9 +26,12 @@ def _print(arch: Any, s: Any, est: Any, result: dict) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
-    what = "QLoRA 4-bit" if s.quant4 else f"LoRA, base in {'fp32' if s.weight_bytes == 4 else 'bf16'}"
+    what = "QLoRA 4-bit" if s.quant4 else f"LoRA, base in {'fp32' if s.weight_bytes == 4 else '16-bit'}"
+    where = f"{s.device}{' (unified memory)' if result.get('unified_memory') else ''}"
+    for note in result.get("notes", []):
+        console.print(f"note: {note}")
     console.print(f"[bold]{result['model']}[/]: {arch.params / 1e9:.2f}B parameters, {result['lora_params']:,} LoRA "
-                  f"parameters (r={s.lora_r}); {what} on {s.device}; batch {s.batch} x {s.seq} tokens"
+                  f"parameters (r={s.lora_r}); {what} on {where}; batch {s.batch} x {s.seq} tokens"
                   f"{', gradient checkpointing' if s.grad_ckpt else ''}")
     table = Table(title="peak training memory")
     table.add_column("item")
@@ -50,6 +53,10 @@ def _print(arch: Any, s: Any, est: Any, result: dict) -> None:
                       f"vision tower {v['vision_params'] / 1e6:.1f}M parameters "
                       f"({'trained' if v['vision_trained'] else 'frozen'}), {v['images_per_micro_batch']} image(s) "
                       f"per micro-batch")
+    if "preset" in result:
+        p = result["preset"]
+        verdict = "[green]fits[/]" if p["fits"] else "[red]does not fit[/]"
+        console.print(f"preset {p['name']}: {verdict} {p['budget_mb'] / 1024:.0f} GB ({est.total_mb / 1024:.1f} GB)")
     inf = result["inference_mb"]
     console.print("inference (2048-token context): " + ", ".join(f"{k} {v / 1024:.1f} GB" for k, v in inf.items()))
     if "fit" in result:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 DEMO_DATA = Path(__file__).resolve().parent.parent / "demo" / "neko_demo.json"
 DEMO_HELDOUT = Path(__file__).resolve().parent.parent / "demo" / "heldout.json"
 
-__all__ = ["Conversation", "Turn", "Encoded", "Renderer", "load_conversations", "prepare", "PreparedData",
+__all__ = ["Conversation", "Turn", "Encoded", "Renderer", "load_conversations", "named_datasets", "prepare",
+           "PreparedData",
            "DEMO_DATA", "DEMO_HELDOUT", "percentile"]
 
 
@@ -60,12 +61,45 @@ def _encode_all(convs: list[Conversation], renderer: Renderer) -> tuple[list[Enc
     return out, truncated, dropped
 
 
-def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
+def named_datasets(names: list[str], data_cfg: Any, seed: int = 42,
+                   max_rows: int | None = None) -> tuple[list[Conversation], str]:
+    """issue 15: LLaMA-Factory's `dataset: a,b` -> the conversations of each dataset in
+    dataset_dir/dataset_info.json, in order; `max_rows` (its max_samples) counts per dataset,
+    as LLaMA-Factory counts it."""
+    from nekotune import llamafactory as lf
+    from nekotune.data.llamafactory import read_dataset
+
+    stage = "pt" if data_cfg.format == "text" else "sft"
+    convs: list[Conversation] = []
+    fmt = "text" if stage == "pt" else "messages"
+    for ds in lf.resolve_datasets(names, data_cfg.dataset_dir or "data", stage):
+        rows = read_dataset(ds, max_samples=max_rows, seed=seed)
+        part, fmt = to_conversations(rows, ds.format, source=f"dataset `{ds.name}`")
+        convs += part
+    return convs, fmt
+
+
+def _train_conversations(cfg: Any) -> tuple[list[Conversation], str, str]:
+    """(conversations, format, what they came from) of data.path or data.dataset."""
+    if cfg.data.dataset:
+        if cfg.data.path:
+            raise UserError(f"data.path={cfg.data.path} and data.dataset={','.join(cfg.data.dataset)} are both set; "
+                            f"keep one (data.dataset names datasets in data.dataset_dir/dataset_info.json)")
+        convs, fmt = named_datasets(cfg.data.dataset, cfg.data, cfg.train.seed, cfg.data.max_rows)
+        return convs, fmt, f"{cfg.data.dataset_dir or 'data'}: {','.join(cfg.data.dataset)}"
     path = cfg.data.path or str(DEMO_DATA)
     convs, fmt = load_conversations(path, cfg.data)
+    return convs, fmt, path
+
+
+def prepare(cfg: Any, renderer: Renderer) -> PreparedData:
+    convs, fmt, path = _train_conversations(cfg)
     if cfg.data.val_path:
         train_convs = convs
         eval_convs, _ = load_conversations(cfg.data.val_path, cfg.data, max_rows=None)
+    elif cfg.data.eval_dataset:
+        train_convs = convs
+        eval_convs, _ = named_datasets(cfg.data.eval_dataset, cfg.data, cfg.train.seed, cfg.data.max_rows)
     else:
         train_convs, eval_convs, note = split_rows(convs, cfg.data.val_size, cfg.train.seed)
         if note:  # a one-row dataset trains on its row instead of failing (issue 16)

@@ -7,15 +7,19 @@ unpickles. Code from model files runs only when the user set model.trust_remote_
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nekotune.config import Config, ModelConfig
+from nekotune.devices import cpu_has_fast_bf16 as cpu_has_fast_bf16  # re-exported; lives with the device facts
 from nekotune.errors import UserError
 from nekotune.model.source import ModelSource, resolve_source
 from nekotune.trust import is_needs_code, needs_code_error, warn_trusted
+
+log = logging.getLogger(__name__)
 
 
 # -- device and precision --------------------------------------------------------------------
@@ -31,24 +35,6 @@ class Precision:
 
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         return names[self.autocast] if self.autocast is not None else names[self.weights]
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmul is ~4x fp32 on CPUs with AVX512-BF16/AMX and much slower elsewhere."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "avx512_bf16" in _cpu_flags() \
-            or "amx_bf16" in _cpu_flags()
-    except Exception:
-        return False
-
-
-def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -69,24 +55,17 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def pick_precision(device: str, requested: str = "auto", training: bool = True) -> Precision:
+    """devices.choose_precision's choice (the one `estimate` counts) as torch dtypes; on a Mac
+    that is bf16 or fp16 where macOS and torch run it, not fp32 (docs in devices.py)."""
     import torch
 
+    from nekotune.devices import choose_precision, probe
+
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if requested == "fp16" and device == "cpu":
-        raise UserError("model.dtype=fp16 on CPU is about 100x slower than fp32; use model.dtype=auto or bf16")
-    if device == "cuda":
-        auto = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        dtype = auto if requested == "auto" else table[requested]
-        return Precision(device, dtype, dtype if dtype != torch.float32 else None)
-    if device == "mps":
-        dtype = torch.float32 if requested == "auto" else table[requested]
-        return Precision(device, dtype, None)
-    # CPU: frozen weights in bf16 and bf16 autocast where the CPU has bf16 units; the LoRA weights
-    # and the loss stay fp32. Inference stays fp32 by default so answers match exported GGUFs.
-    want_bf16 = requested == "bf16" or (requested == "auto" and training and cpu_has_fast_bf16())
-    if want_bf16:
-        return Precision(device, torch.bfloat16, torch.bfloat16)
-    return Precision(device, torch.float32, None)
+    choice = choose_precision(probe(device), requested, training)
+    if choice.note:
+        log.warning("note: %s", choice.note)
+    return Precision(device, table[choice.weights], table[choice.autocast] if choice.autocast else None)
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def train(cfg: Config, show_progress: bool = True, after_train: AfterTrain | Non
     `stop_flag` (anything with a `requested` attribute) stops training after the current step
     instead of Ctrl-C; `callbacks` are extra transformers TrainerCallbacks. The run directory is
     locked for the whole call (see runs.py): a second process is refused."""
+    cfg = _for_this_device(cfg)
     if cfg.train.stage in PREFERENCE_STAGES:  # issue 18: for callers of this function itself
         from nekotune.training.preference_recipe import train as preference_train
 
@@ -286,12 +287,24 @@ def lora_config(cfg: Config, model_config: Any = None) -> Any:
 
 
 def wants_grad_checkpointing(cfg: Config, device: str) -> bool:
-    """Also what `nekotune estimate` assumes (memory.settings_from_config)."""
-    if cfg.train.grad_checkpointing != "auto":
-        return bool(cfg.train.grad_checkpointing)
-    # On CPU RAM is rarely the limit and recomputation costs ~30% speed; on a GPU the quantized
-    # path is used because memory is short.
-    return device == "cuda" and bool(cfg.model.quantization)
+    """devices' rule, which `nekotune estimate` follows too: on CPU RAM is rarely the limit and
+    recomputation costs ~30% speed; on a GPU the quantized path is used because memory is short."""
+    from nekotune.devices import wants_grad_checkpointing as device_rule
+
+    return device_rule(device, cfg.model.quantization, cfg.train.grad_checkpointing)
+
+
+def _for_this_device(cfg: Config) -> Config:
+    """A preset's QLoRA on a CPU or a Mac becomes LoRA, with a note (devices.adapt_config)."""
+    if not (cfg.preset and cfg.model.quantization):
+        return cfg
+    from nekotune import model as M
+    from nekotune.devices import adapt_config, probe
+
+    adapted, notes = adapt_config(cfg, probe(M.pick_device(cfg.model.device)))
+    for note in notes:
+        log.warning("note: %s", note)
+    return adapted
 
 
 def build_peft_model(model: Any, cfg: Config, grad_ckpt: bool) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,9 @@ def peak_memory_mb(device: str) -> float:
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from nekotune.devices import peak_rss_mb
+
+    return peak_rss_mb()  # psutil where `resource` is missing (Windows)
 
 
 def losses(history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
