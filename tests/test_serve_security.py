@@ -360,7 +360,7 @@ def gated_stream(monkeypatch):
 
     gate = threading.Event()
 
-    def fake_stream(model, renderer, conv, settings, stop=None):
+    def fake_stream(model, renderer, conv, settings, stop=None, inputs=None):
         yield "first"
         while not gate.wait(0.05):
             if stop is not None and stop.is_set():

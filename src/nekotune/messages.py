@@ -113,9 +113,6 @@ CATALOGUE: dict[str, str] = {
     "data.max_seq_len or use data.truncation=truncate":
         "{0}：没有可训练的数据行了（{1} 行因超过 data.max_seq_len={2} 或没有回答而被丢弃）；"
         "请调大 data.max_seq_len 或设置 data.truncation=truncate",
-    "cannot load Hugging Face dataset {} split {} ({}); check the id, your network, or download it and point "
-    "data.path at the file": "无法加载 Hugging Face 数据集 {0} 的 {1} 部分（{2}）；请检查 id 和网络，"
-                             "或下载后让 data.path 指向文件",
     # models and devices
     "model path {} not found; check the path or use a hub id like Qwen/Qwen3-1.7B":
         "找不到模型路径 {0}；请检查路径，或使用 Qwen/Qwen3-1.7B 这样的模型 id",
@@ -245,7 +242,9 @@ HELP_ZH: dict[str, str] = {
     "machine-readable output": "机器可读的输出",
     "batched generation for every row of a dataset": "为数据集的每一行批量生成回答",
     "output JSONL": "输出的 JSONL 文件",
-    "eval loss, perplexity, BLEU/ROUGE/chrF": "评估损失、困惑度、BLEU/ROUGE/chrF",
+    "eval loss, perplexity, BLEU/ROUGE/chrF; on chosen/rejected pairs: held-out reward accuracy and margin "
+    "against the run's reference":
+        "评估损失、困惑度、BLEU/ROUGE/chrF；对 chosen/rejected 偏好对：留出集上相对参考模型的奖励准确率和间隔",
     "directory for eval_results.json and summary.md": "存放 eval_results.json 和 summary.md 的目录",
     "also evaluate the base model": "同时评估基座模型",
     "rows to generate for the metrics": "用于计算指标的生成行数",

@@ -39,7 +39,7 @@ RESERVED = {"-h", "--help", "--version", "--no-progress", "--progress", "--no-sa
             "--system", "--json", "--out", "--limit", "--baseline", "--no-generate", "--models", "--prompts",
             "--eval-file", "--low-memory", "--dtype", "--type", "--adapter", "--host", "--port", "--allow-host",
             "--api-key", "--max-concurrency", "--max-tokens-cap", "--max-queue", "--max-body", "--cors", "--auth",
-            "--fit"}
+            "--fit", "--engine", "--image", "--imatrix", "--reference", "--allow-remote-images", "--names"}
 
 
 def _kind(name: str, config_keys: set[str]) -> str | None:

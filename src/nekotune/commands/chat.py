@@ -43,11 +43,10 @@ def _image_refs(paths: list[str] | None, where: str) -> list[Any]:
 
 
 def _needs_vision(session: Any, refs: list[Any]) -> None:
-    from nekotune.errors import UserError
+    from nekotune.engines.session import text_model_error
 
     if refs and not session.renderer.takes_images:
-        raise UserError(f"--image needs a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); "
-                        f"{session.label} is a text model")
+        raise text_model_error(session.label)
 
 
 @command
@@ -56,7 +55,7 @@ def run_chat(cfg: Config, model_arg: str | None, system: str | None = None, stdi
     stdin = stdin or sys.stdin
     out = stdout or sys.stdout
     pending = _image_refs(images, "--image")  # checked before the model loads
-    with open_session(cfg, model_arg) as session:
+    with open_session(cfg, model_arg, images=bool(pending)) as session:
         _needs_vision(session, pending)
         return _chat_loop(session, system, stdin, out, pending)
 
@@ -170,7 +169,7 @@ def ask(cfg: Config, model_arg: str | None, question: str, as_json: bool = False
     if not question.strip():
         raise UserError("the question is empty; pass the question as one argument in quotes")
     refs = _image_refs(images, "--image")
-    with open_session(cfg, model_arg) as session:
+    with open_session(cfg, model_arg, images=bool(refs)) as session:
         _needs_vision(session, refs)
         conv = Conversation(turns=[user_turn(question.strip(), refs)], system=system)
         answer = session.generate(conv, session.settings())

@@ -20,6 +20,7 @@ from nekotune.config import Config
 from nekotune.data.formats import Conversation
 from nekotune.engines.base import Engine
 from nekotune.engines.choose import Choice, llamacpp_refusal, pick_engine
+from nekotune.errors import UserError
 from nekotune.generate import GenSettings
 from nekotune.model.source import ModelSource
 
@@ -134,16 +135,26 @@ def _refusal(cfg: Config, source: ModelSource, lora: bool) -> str | None:
     return why
 
 
+def text_model_error(label: str) -> UserError:
+    return UserError(f"--image needs a vision-language model (Qwen2-VL, Qwen2.5-VL, Qwen3-VL); {label} is a text model")
+
+
 def open_session(cfg: Config, model_arg: str | None, merge: bool = True,
-                 adapters: Sequence[tuple[str, str]] = ()) -> Session:
+                 adapters: Sequence[tuple[str, str]] = (), images: bool = False) -> Session:
     """The model `model_arg` names on the engine generate.engine picks.
 
     llama.cpp, `merge` (chat, ask, predict): one cached merged GGUF, no LoRA matmuls per token;
     otherwise the cached base GGUF with the adapter as a LoRA GGUF, applied per call (eval's
-    baseline, compare, extra `adapters`)."""
+    baseline, compare, extra `adapters`). `images`: the caller has images for it, so a text
+    model is refused before anything loads or converts."""
     from nekotune.model import resolve_source
+    from nekotune.model.load import is_vision_model, require_safetensors_adapter
 
     source, effective = resolve_source(cfg, model_arg)
+    if source.adapter:  # before any engine reads the adapter (a GGUF conversion included)
+        require_safetensors_adapter(source.adapter)
+    if images and not is_vision_model(source, effective.model):
+        raise text_model_error(source.label)
     choice = choose(effective, source, lora=not merge or bool(adapters))
     if choice.name == "llama.cpp":
         session = _open_llamacpp(cfg, model_arg, source, effective, choice, merge and not adapters, adapters)

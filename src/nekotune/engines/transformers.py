@@ -11,19 +11,24 @@ from __future__ import annotations
 import threading
 from typing import Callable, Iterator, Mapping, Sequence
 
+from nekotune.data.render import Renderer
 from nekotune.engines.base import check_adapter
 from nekotune.generate import GenSettings
 
 
-class _IdsRenderer:
-    """What generate.py reads from a Renderer, for prompts given as ids."""
+class _IdsRenderer(Renderer):
+    """A Renderer whose prompts are already ids: generate.py's batching and inputs (Renderer's
+    prompt_inputs, prompt_features, batch_collator) work on them unchanged."""
 
-    def __init__(self, tokenizer, stop_ids: Sequence[int]):
+    def __init__(self, tokenizer, stop_ids: Sequence[int]):  # no template: nothing is rendered here
         self.tokenizer = tokenizer
-        self.stop_token_ids = list(stop_ids)
+        self._stop_ids = list(stop_ids)
 
-    @staticmethod
-    def prompt_ids(prompt_ids: list[int]) -> list[int]:
+    @property
+    def stop_token_ids(self) -> list[int]:  # the caller's (the session's renderer's), not recomputed
+        return self._stop_ids
+
+    def prompt_ids(self, prompt_ids) -> list[int]:
         return list(prompt_ids)
 
 
