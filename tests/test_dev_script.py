@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -101,7 +102,10 @@ def test_makefile_targets_call_the_script():
     if shutil.which("make") is None:
         pytest.skip("no make here")
     for target in ("demo", "test", "test-fast", "bench", "fuzz", "install", "lint", "clean"):
-        out = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+        # run inside `make test` too: the outer make's MAKEFLAGS/MAKELEVEL would add "Entering directory" lines
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        out = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, env=env).stdout
         assert out.strip() == f"python3 tools/dev.py {target}", out
 
 
