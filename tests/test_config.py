@@ -76,3 +76,16 @@ def test_examples_load():
     assert len(files) >= 4
     for f in files:
         load_config(f)
+
+
+@pytest.mark.parametrize("body", ["?\n", "1: x\n", "model: {}\n2: y\n"])
+def test_a_key_that_is_not_a_name_is_a_one_line_error(tmp_path, body, capsys):
+    """Found by tests/test_fuzz.py: a YAML key that is not text (`?` is a null key) reached the
+    key translation, which reads keys as names."""
+    from nekotune.cli import main
+
+    path = tmp_path / "odd.yaml"
+    path.write_text(body, encoding="utf-8")
+    assert main(["config", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a name" in err and str(path) in err

@@ -361,6 +361,9 @@ def read_yaml(path: str | Path, notes: list | None = None) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a config must be a mapping of sections (model:, data:, lora:, train:, output:)")
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:  # `?` or `1: x` in YAML: the key translation below reads keys as names
+        raise UserError(f"{path}: the key {odd[0]!r} is not a name; write keys as words (model:, data:, train:, ...)")
     _llama_factory_keys(raw, str(path))  # stages, preference and pixel keys nekotune has (before translate,
     raw = _translated(raw, str(path), notes)  # which knows only the keys of LLaMA-Factory's sft and pt)
     _check_keys(raw, str(path))
