@@ -344,13 +344,14 @@ def unified_items(device_items_mb: dict[str, float]) -> dict[str, float]:
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process in MB, on Linux, macOS and Windows."""
-    try:
-        import resource  # Unix only
-    except ImportError:
-        resource = None  # type: ignore[assignment]
-    if resource is not None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / MB if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
+    if sys.platform != "win32":  # getrusage knows the peak; psutil only the current RSS there
+        try:
+            import resource
+        except ImportError:  # a Python built without it: psutil's figure below
+            pass
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak / MB if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
     import psutil
 
     info = psutil.Process(os.getpid()).memory_info()

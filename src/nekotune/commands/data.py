@@ -31,7 +31,7 @@ def check_command(cfg: Config, file: str, model: str | None = None) -> int:
         console.print(f"[yellow]{len(where)} rows[/]: {reason}: {listed(where)}")
     if report.example:
         _example(report.example, console)
-    return _verdict(report, console)
+    return _verdict(report.usable, report.bad, console)
 
 
 def _example(pieces: list, console: Any, what: str = "example") -> None:
@@ -68,22 +68,15 @@ def _preference(report: Any, console: Any) -> int:
             console.print(f"[yellow]{len(rows)} rows[/]: {reason}: {listed(rows)}")
     if report.example:
         _example(report.example, console, "first chosen answer" if report.kind == "pairs" else "first answer")
-    if not report.lengths:
-        console.print("[red]no row can be trained on[/]")
-        return 2
-    if report.bad_rows:
-        console.print(f"[red]{report.bad_rows} rows cannot be trained on[/]; fix them (or delete them) before training")
-        return 2
-    console.print("[green]ok[/]: ready to train")
-    return 0
+    return _verdict(len(report.lengths), report.bad_rows, console)
 
 
-def _verdict(report: Any, console: Any) -> int:
-    if report.usable == 0:
+def _verdict(usable: int, bad: int, console: Any) -> int:
+    if usable == 0:
         console.print("[red]no row can be trained on[/]")
         return 2
-    if report.bad:
-        console.print(f"[red]{report.bad} rows cannot be trained on[/]; fix them (or delete them) before training")
+    if bad:
+        console.print(f"[red]{bad} rows cannot be trained on[/]; fix them (or delete them) before training")
         return 2
     console.print("[green]ok[/]: ready to train")
     return 0

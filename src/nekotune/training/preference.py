@@ -137,9 +137,7 @@ def cpo_row(feature: dict) -> dict:
 
 
 def _with_nekotune_steps(base: type) -> type:
-    import torch
-
-    from nekotune.training.trainer import NonFiniteLoss
+    from nekotune.training.trainer import finite_loss
 
     class NekoSteps(base):
         """nekotune's SFT trainer step, around TRL's: tokens counted, NaN/inf stops (or skips) the step."""
@@ -150,16 +148,7 @@ def _with_nekotune_steps(base: type) -> type:
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.stats is not None:
                 self.stats.tokens += policy_tokens(inputs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss):
-                step = self.state.global_step + 1
-                if self.nan_policy == "skip":
-                    model.zero_grad(set_to_none=True)
-                    if self.stats is not None:
-                        self.stats.skipped_steps.append(step)
-                    return torch.zeros_like(loss)
-                raise NonFiniteLoss(step)
-            return loss
+            return finite_loss(self, model, super().training_step(model, inputs, num_items_in_batch))
 
         def create_model_card(self, *args, **kwargs):
             # TRL writes a README.md into output_dir (run/checkpoints/) at every save; the run directory

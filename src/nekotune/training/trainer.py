@@ -48,20 +48,25 @@ def make_trainer_class() -> Any:
             return (loss, {"loss": loss}) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            import torch
-
             if self.stats is not None:
                 mask = inputs.get("attention_mask")
                 self.stats.tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss):
-                step = self.state.global_step + 1
-                if self.nan_policy == "skip":
-                    model.zero_grad(set_to_none=True)
-                    if self.stats is not None:
-                        self.stats.skipped_steps.append(step)
-                    return torch.zeros_like(loss)
-                raise NonFiniteLoss(step)
-            return loss
+            return finite_loss(self, model, super().training_step(model, inputs, num_items_in_batch))
 
     return NekoTrainer
+
+
+def finite_loss(trainer: Any, model: Any, loss: Any) -> Any:
+    """A step's loss checked after backward (SFT and the preference trainers): NaN/inf stops the
+    run, or with nan_policy=skip drops this step's gradients and counts it."""
+    import torch
+
+    if torch.isfinite(loss):
+        return loss
+    step = trainer.state.global_step + 1
+    if trainer.nan_policy != "skip":
+        raise NonFiniteLoss(step)
+    model.zero_grad(set_to_none=True)
+    if trainer.stats is not None:
+        trainer.stats.skipped_steps.append(step)
+    return torch.zeros_like(loss)
