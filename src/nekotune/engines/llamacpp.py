@@ -19,7 +19,8 @@ lock, so generations are serialised, as in that server.
 On CPUs with AMX, ggml repacks q8_0 (and other quantized) weights into its AMX buffer, after
 which every decode of two or more tokens segfaults in ggml_backend_amx_mul_mat (llama.cpp issue
 20824, reproduced here with nekotune's and llama.cpp's own q8_0 files). The model is then loaded
-without extra buffer types (`use_extra_bufts=False`), which `Llama()` has no argument for.
+without extra buffer types (`use_extra_bufts=False`), which `Llama()` has no argument for, and
+its q4_0 matrices are sent to the other extra buffer, CPU_REPACK, by name (engines/cpu_repack.py).
 """
 
 from __future__ import annotations
@@ -85,9 +86,10 @@ class LlamaCppOptions:
 
 
 @contextlib.contextmanager
-def _model_params(lib, use_extra_bufts: bool):
+def _model_params(lib, use_extra_bufts: bool, overrides: int = 0):
     """Llama() builds its model params from llama_model_default_params(); swap that in for one
-    construction (under a lock, so concurrent loads do not see each other's swap)."""
+    construction (under a lock, so concurrent loads do not see each other's swap). `overrides`:
+    the address of a tensor buffer-type override array (cpu_repack.Overrides), 0 for none."""
     import llama_cpp.llama as high
 
     with _PATCH_LOCK:
@@ -96,6 +98,8 @@ def _model_params(lib, use_extra_bufts: bool):
         def params():
             p = original()
             p.use_extra_bufts = use_extra_bufts
+            if overrides:
+                p.tensor_buft_overrides = overrides
             return p
 
         high.llama_cpp.llama_model_default_params = params
@@ -205,6 +209,11 @@ class LlamaCppEngine:
         trained = gguf_context_length(self.model_path)
         self.n_ctx = min(options.n_ctx or DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
         self.repack = (not has_amx(self.lib)) if options.repack is None else options.repack
+        self._overrides = None  # q4_0 weights to CPU_REPACK where the AMX buffer is left out
+        if options.repack is None and not self.repack:
+            from nekotune.engines.cpu_repack import repack_overrides
+
+            self._overrides = repack_overrides(self.lib, self.model_path)
         self.llm = self._load()
         self._handles: dict[str, object] = {}
         self._active: str | None = None
@@ -224,7 +233,8 @@ class LlamaCppEngine:
                       n_threads_batch=o.n_threads_batch or self.threads, n_gpu_layers=gpu, logits_all=False,
                       verbose=False, **o.extra)
         try:
-            with _model_params(self.lib, use_extra_bufts=self.repack):
+            with _model_params(self.lib, use_extra_bufts=self.repack,
+                               overrides=self._overrides.address if self._overrides else 0):
                 return self.lib.Llama(**kwargs)
         except ValueError as exc:  # "Failed to load model from file"
             raise UserError(f"{self.model_path}: llama.cpp cannot load this GGUF ({exc}); re-export it with "
@@ -331,8 +341,13 @@ class LlamaCppEngine:
     def describe(self) -> str:
         """One line for the command layer to print."""
         return (f"llama.cpp: {self.model_path.name}, {self.threads} threads, context {self.n_ctx}"
-                f"{'' if self.repack else ', weight repacking off (AMX)'}"
+                f"{'' if self.repack else self._repack_note()}"
                 f"{', adapters ' + ', '.join(self.adapters) if self.adapters else ''}")
+
+    def _repack_note(self) -> str:
+        if self._overrides:
+            return ", AMX buffer off, q4_0 weights repacked"
+        return ", weight repacking off (AMX)"
 
     def close(self) -> None:
         """Free the model now: at interpreter exit llama-cpp-python's own cleanup fails noisily."""

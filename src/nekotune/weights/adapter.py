@@ -55,13 +55,11 @@ class Adapter:
 
     @classmethod
     def load(cls, path: str | Path) -> "Adapter":
-        from peft.utils import load_peft_weights
-
         path = Path(path)
         config = read_json(path / "adapter_config.json")
         _check_streamable(config, path)
         try:
-            state = load_peft_weights(str(path), device="cpu")
+            state = _read_weights(path)
         except Exception as exc:
             raise UserError(f"{path}: cannot read the adapter weights ({str(exc).splitlines()[0][:160]})") from None
         adapter = cls(path, config, nbytes=sum(t.numel() * t.element_size() for t in state.values()))
@@ -92,10 +90,12 @@ class Adapter:
         return LoraLayer(a, b, self._scaling(module, a.shape[0]), p.get("magnitude"), embedding)
 
     def _scaling(self, module: str, rank: int) -> float:
-        from peft.utils.other import get_pattern_key
-
         alphas: dict = self.config.get("alpha_pattern") or {}
-        alpha = float(alphas.get(get_pattern_key(list(alphas), module), self.config.get("lora_alpha", 8)))
+        alpha = float(self.config.get("lora_alpha", 8))
+        if alphas:  # peft's own pattern matching (imported only here: peft takes 2 s to import)
+            from peft.utils.other import get_pattern_key
+
+            alpha = float(alphas.get(get_pattern_key(list(alphas), module), alpha))
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def merge(self, name: str, weight: Any) -> Any:
@@ -133,3 +133,17 @@ def _check_streamable(config: dict, path: Path) -> None:
                    if config.get(key)]
     if unsupported:
         raise NotStreamable(f"{where}: `{unsupported[0]}` is not supported by the low-memory merge")
+
+
+def _read_weights(path: Path) -> dict:
+    """The adapter's tensors by their saved names. A safetensors file is read directly: peft's
+    load_peft_weights reads it the same way but importing peft costs 2 s, a tenth of a whole
+    `predict --engine llama.cpp` (issue 19); other forms go through peft as before."""
+    file = path / "adapter_model.safetensors"
+    if file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(file), device="cpu")
+    from peft.utils import load_peft_weights
+
+    return load_peft_weights(str(path), device="cpu")
