@@ -66,6 +66,10 @@ def collect() -> dict:
 
         info["bf16"] = cpu_has_fast_bf16()
     info["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if info["mps"] and not info["gpus"]:
+        from nekotune.devices import probe
+
+        info["apple_gpu"] = apple_gpu_facts(probe("mps"))
     info["threads"] = torch.get_num_threads()
     _advise(info)
     return info
@@ -84,8 +88,8 @@ def _advise(info: dict) -> None:
             adv.append("for QLoRA (model.quantization=4bit) install bitsandbytes: pip install 'nekotune[qlora]'")
         if info["packages"]["flash-attn"] is None:
             adv.append("optional: pip install flash-attn for faster attention on long sequences")
-    elif info["mps"]:
-        adv.append("Apple GPU (MPS): training runs on it in fp32; QLoRA is not available (bitsandbytes needs CUDA)")
+    elif info.get("apple_gpu"):
+        adv += mps_advice(info["apple_gpu"])
     else:
         if shutil.which("nvidia-smi") and info.get("cuda_build") is None:
             adv.append("an NVIDIA driver is present but torch is a CPU build: install the CUDA build of torch "
@@ -104,3 +108,34 @@ def _advise(info: dict) -> None:
     for name in ("transformers", "peft", "accelerate"):
         if info["packages"][name] is None:
             info["problems"].append(f"{name} is not installed: pip install -e . (or pip install nekotune)")
+
+
+def apple_gpu_facts(facts) -> dict:
+    """What doctor reports for Apple silicon: one memory pool shared by the GPU, the CPU side of
+    the process and macOS, the part a training may use, and the precision `train` picks there."""
+    from nekotune.devices import choose_precision, memory_budget_mb
+    from nekotune.errors import UserError
+
+    try:
+        choice = choose_precision(facts, "auto", training=True)
+        precision, note = choice.weights + (f" with {choice.autocast} autocast" if choice.autocast else ""), choice.note
+    except UserError as exc:
+        precision, note = "none", str(exc)
+    budget = memory_budget_mb(facts)
+    return {"chip": facts.chip or "Apple silicon", "macos": ".".join(map(str, facts.macos_version or ())),
+            "unified_memory_gb": round((facts.total_memory_mb or 0) / 1024, 1),
+            "metal_recommended_gb": round(facts.recommended_max_mb / 1024, 1) if facts.recommended_max_mb else None,
+            "training_budget_gb": round(budget / 1024, 1) if budget else None,
+            "training_precision": precision, "precision_note": note}
+
+
+def mps_advice(gpu: dict) -> list[str]:
+    budget = f"about {gpu['training_budget_gb']} GB of it" if gpu["training_budget_gb"] else "part of it"
+    lines = [f"Apple GPU (MPS, {gpu['chip']}, macOS {gpu['macos'] or '?'}): {gpu['unified_memory_gb']} GB of unified "
+             f"memory shared with macOS and the CPU; a training may use {budget} (Metal's working set, less what "
+             f"the system keeps); `nekotune estimate` counts Metal's overhead and the Python runtime in that pool",
+             f"training precision here: {gpu['training_precision']}"
+             + (f" ({gpu['precision_note']})" if gpu["precision_note"] else ""),
+             "QLoRA (bitsandbytes 4-bit) needs CUDA: use LoRA in bf16/fp16 here (preset=8gb and --fit propose that); "
+             "MLX (mlx-lm) is another way to fine-tune on a Mac, outside nekotune"]
+    return lines

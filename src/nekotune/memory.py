@@ -27,12 +27,14 @@ ALLOCATOR_SLACK = 0.10  # freed-but-held blocks (glibc arenas on CPU, the cachin
 # below (fp32 copies inside RMSNorm and rotary, views made contiguous, per-example attention
 # pieces) and glibc keeps freed blocks. One factor for all rows, not one per row.
 CPU_ACTIVATION_FACTOR = 1.25
-# bf16 autocast on a CPU does not halve the activations: RMSNorm, softmax, the loss and the LoRA
-# branches keep fp32 tensors beside the bf16 ones. Bytes per activation element fitted to the
-# smollm2 rows of bench/estimate_memory.py (December 2026 run, AVX512-BF16 CPU); not yet checked
-# on a full rerun of every row.
-CPU_BF16_ACT_BYTES = 3.2
-CKPT_KEPT_HIDDEN = {"cpu": 6, "cuda": 2}  # hidden-sized tensors per layer and token kept under checkpointing
+# bf16 autocast on a CPU: 2 bytes per activation element, as on a GPU. What made short rows look
+# heavier (a first fit said 3.2 bytes) is the attention: examples up to
+# training.speed.MATMUL_ATTENTION_MAX_LEN tokens go through two grouped matmuls that keep their
+# scores for the backward pass (heads x length^2 x SCORE_BYTES per layer), counted on their own
+# below. Checked on all 11 rows of bench/estimate_memory.py (December 2026, AVX512-BF16 CPU).
+CPU_BF16_ACT_BYTES = 2.0
+SCORE_BYTES = 6  # bf16 scores, their fp32 softmax (see training/speed.py)
+CKPT_KEPT_HIDDEN = {"cpu": 2, "cuda": 2}  # hidden-sized tensors per layer and token kept under checkpointing
 SEEDS_RULES = {"lora": (3, 4), "qlora": (2.5, 2.5), "full": (20, 20)}  # GB per billion parameters
 
 
@@ -154,6 +156,10 @@ class Settings:
     grad_rows: int = 1
     nograd_rows: int = 0
     full_logits: bool = False
+    # examples up to this many tokens use the score-keeping matmul attention (bf16 CPU with packing);
+    # the estimate takes every example to be `seq` long, so short examples packed into long rows
+    # can add up to heads x this length x SCORE_BYTES per token and layer
+    matmul_attention_len: int = 0
 
 
 @dataclass
@@ -222,6 +228,9 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
         est.items["activations (gradient checkpointing)"] = (kept + recompute) / MB
     else:
         est.items["activations"] = tokens * per_layer * arch.layers / MB
+    if s.matmul_attention_len and s.seq <= s.matmul_attention_len:
+        scores = s.batch * s.grad_rows * arch.heads * s.seq ** 2 * SCORE_BYTES
+        est.items["attention scores (matmul path)"] = scores * (1 if s.grad_ckpt else arch.layers) / MB
     # backward holds the gradient of a couple of layers' activations at a time
     est.items["activation gradients in flight"] = 2 * tokens * per_layer / MB
     if s.full_logits:  # TRL's CPO/ORPO: fp32 logits of every row, their log-softmax and its gradient
@@ -279,15 +288,20 @@ def settings_from_config(cfg: Any, device: str, facts: devices.DeviceFacts | Non
                                  cfg.data.packing)
     weight_bytes = plan.precision.weight_bytes
     act_bytes = 2.0 if plan.precision.autocast in ("bf16", "fp16") else weight_bytes
+    matmul_len = 0
     if device == "cpu" and plan.precision.autocast == "bf16":
+        from nekotune.training.speed import MATMUL_ATTENTION_MAX_LEN
+
         act_bytes = CPU_BF16_ACT_BYTES
+        matmul_len = MATMUL_ATTENTION_MAX_LEN if plan.packing else 0
     stage = _stage(cfg)
     return Settings(device=device, weight_bytes=weight_bytes, act_bytes=act_bytes,
                     quant4=plan.quantization == "4bit", batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                     grad_ckpt=plan.grad_checkpointing, lora_r=cfg.lora.r, targets=tuple(targets),
                     modules_to_save=tuple(cfg.lora.modules_to_save or ()),
                     dora=cfg.lora.use_dora, grad_accum=cfg.train.grad_accum, stage=stage.name,
-                    grad_rows=stage.grad_rows, nograd_rows=stage.nograd_rows, full_logits=stage.full_logits)
+                    grad_rows=stage.grad_rows, nograd_rows=stage.nograd_rows, full_logits=stage.full_logits,
+                    matmul_attention_len=matmul_len)
 
 
 def _stage(cfg: Any) -> Any:
