@@ -336,6 +336,15 @@ def merged_k(smol_tokenizer, tmp_path_factory):
                      for t, path in files.items()}}
 
 
+@pytest.fixture(scope="module")
+def f16_k(merged_k):
+    """merged_k's model exported to f16 once: the file both requantize and verify start from."""
+    from nekotune.commands.export import export_command
+
+    root = merged_k["root"]
+    return export_command(_cfg(), str(merged_k["model"]), str(root / "f16.gguf"), "f16")
+
+
 def _read_back(path, names=()):
     """One pass over a file (reading the 49152-token vocabulary is the slow part): the file type,
     every tensor's type and a digest of its bytes, and the named tensors dequantized."""
@@ -408,13 +417,12 @@ def test_imatrix_export(merged_k, tmp_path):
     assert errors[1] < 0.8 * errors[0], errors
 
 
-def test_requantize_an_f16_gguf(merged_k, tmp_path):
+def test_requantize_an_f16_gguf(merged_k, f16_k, tmp_path):
     import gguf
 
-    from nekotune.commands.export import export_command
     from nekotune.export.requant import quantize_gguf
 
-    f16 = export_command(_cfg(), str(merged_k["model"]), str(tmp_path / "f16.gguf"), "f16")
+    f16 = f16_k
     types = quantize_gguf(f16, tmp_path / "r.gguf", "q4_k_m", threads=2)
     assert types == merged_k["read"]["q4_k_m"]["types"]
     reader = gguf.GGUFReader(tmp_path / "r.gguf")
@@ -463,17 +471,17 @@ def test_llama_cpp_picks_the_same_types_and_loads_ours(merged_k):
 
 
 @needs_llama_cpp
-def test_verify_reports_fixed_text_divergence(merged_k, tmp_path, capsys):
+def test_verify_reports_fixed_text_divergence(merged_k, f16_k, tmp_path, capsys):
     """export verify --reference: the fixed text's next-token figures against the f16 file, less
     KL with more bits, printed by the command; a --reference that is not a GGUF is a one-line
     error. (Without --reference, against transformers: test_export's verify test.)"""
     import re
 
     from nekotune.api import verify
-    from nekotune.commands.export import export_command, verify_command
+    from nekotune.commands.export import verify_command
 
     model = str(merged_k["model"])
-    f16 = export_command(_cfg(), model, str(tmp_path / "f16.gguf"), "f16")
+    f16 = f16_k
     with pytest.raises(UserError, match=r"--reference .*none\.gguf is not a \.gguf file"):
         verify(f16, model, _cfg(), limit=1, reference=tmp_path / "none.gguf")
     q2 = verify(merged_k["files"]["q2_k"], model, _cfg(), limit=1, reference=f16).divergence

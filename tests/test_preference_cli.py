@@ -47,6 +47,14 @@ def _cli(*args, timeout=300):
                           timeout=timeout)
 
 
+def _main(*args) -> int:
+    """The CLI in this process: what a second launch of `nekotune` would run, without its import time
+    (the process boundary itself is checked by _killed_at and the one-line-error tests)."""
+    from nekotune.cli import main
+
+    return main(list(args))
+
+
 def _killed_at(args, step: int) -> str:
     """`nekotune train` SIGKILLed once it has logged `step`; returns what it printed."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -71,8 +79,7 @@ def test_stage_trains_through_the_cli_resumes_after_sigkill_and_saves_an_adapter
     args = _overrides(tiny_llama, pairs_file, tmp_path / "killed", stage, **{"train.resume": "auto"})
     _killed_at(args, 2)
     assert not (tmp_path / "killed" / "adapter").exists()
-    done = _cli("train", "--no-progress", "--no-samples", *args)
-    assert done.returncode == 0, done.stderr
+    assert _main("train", "--no-progress", "--no-samples", *args) == 0
 
     run = Run(tmp_path / "killed")
     a = load_file(reference.adapter / "adapter_model.safetensors")
@@ -92,26 +99,29 @@ def test_stage_trains_through_the_cli_resumes_after_sigkill_and_saves_an_adapter
     assert run.config()["train"]["stage"] == stage
 
 
-def test_dpo_with_validation_pairs_then_eval_data_check_and_estimate(tiny_llama, pairs_file, tmp_path):
+def test_dpo_with_validation_pairs_then_eval_data_check_and_estimate(tiny_llama, pairs_file, tmp_path, capsys):
     out = tmp_path / "dpo"
-    done = _cli("train", "--no-progress", "--no-samples",
-                *_overrides(tiny_llama, pairs_file, out, "dpo", **{"data.val_size": 4, "train.eval_steps": 2,
-                                                                     "train.max_steps": 2}))
-    assert done.returncode == 0, done.stderr
+    assert _main("train", "--no-progress", "--no-samples",
+                 *_overrides(tiny_llama, pairs_file, out, "dpo", **{"data.val_size": 4, "train.eval_steps": 2,
+                                                                      "train.max_steps": 2})) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
     metrics = json.loads((out / "run.json").read_text())
     assert [r["step"] for r in metrics["eval_rewards"]] == [2]
     assert {"chosen", "rejected", "margins", "accuracies"} <= metrics["eval_rewards"][0].keys()
     assert metrics["final_eval_reward_margin"] == metrics["eval_rewards"][0]["margins"]
 
-    ev = _cli("eval", str(pairs_file), "--model", str(out), "data.max_seq_len=64")
-    assert ev.returncode == 0, ev.stderr
-    assert "reward accuracy (chosen > rejected)" in ev.stdout and "| reference | base |" in ev.stdout
+    rc = _main("eval", str(pairs_file), "--model", str(out), "data.max_seq_len=64")
+    ev = capsys.readouterr()
+    assert rc == 0, ev.err
+    assert "reward accuracy (chosen > rejected)" in ev.out and "| reference | base |" in ev.out
     result = json.loads((out / "eval" / "pair_eval.json").read_text())
     assert result["n"] == len(PAIRS) and result["beta"] == 0.1 and 0 <= result["reward_accuracy"] <= 1
     assert result["mean_margin"] == pytest.approx(result["reward_chosen"] - result["reward_rejected"], abs=1e-6)
 
-    check = _cli("data", "check", str(pairs_file), "--model", str(tiny_llama), "data.max_seq_len=64")
-    assert check.returncode == 0 and f"{len(PAIRS)} pairs, format pairwise_alpaca" in check.stdout, check.stderr
+    rc = _main("data", "check", str(pairs_file), "--model", str(tiny_llama), "data.max_seq_len=64")
+    check = capsys.readouterr()
+    assert rc == 0 and f"{len(PAIRS)} pairs, format pairwise_alpaca" in check.out, check.err
 
     sft = nekotune.estimate(tiny_llama, _cfg("train.stage=sft")).result
     dpo = nekotune.estimate(tiny_llama, _cfg("train.stage=dpo")).result
@@ -197,25 +207,27 @@ def test_bad_preference_settings_are_one_line_errors(overrides, needle, tiny_lla
     assert not (out / "adapter").exists()
 
 
-def test_data_errors_of_pairwise_and_kto_files(tiny_llama, tmp_path):
+def test_data_errors_of_pairwise_and_kto_files(tiny_llama, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"instruction": "Q1?", "chosen": "A", "rejected": "B"},
                                {"instruction": "Q2?", "chosen": "same", "rejected": "same"},
                                {"instruction": "Q3?", "chosen": "", "rejected": "B"},
                                {"instruction": "Q4 " + "long " * 80, "chosen": "x", "rejected": "y"}]), "utf-8")
-    check = _cli("data", "check", str(bad), "--model", str(tiny_llama), "data.max_seq_len=64")
-    assert check.returncode == 2, check.stderr
-    assert "`chosen` is empty: row 3" in check.stdout
-    assert "chosen equals rejected (nothing to prefer): row 2" in check.stdout
-    assert "no answer token left): row 4" in check.stdout and "over data.max_seq_len=64: 1 (row 4" in check.stdout
+    rc = _main("data", "check", str(bad), "--model", str(tiny_llama), "data.max_seq_len=64")
+    check = capsys.readouterr()
+    assert rc == 2, check.err
+    assert "`chosen` is empty: row 3" in check.out
+    assert "chosen equals rejected (nothing to prefer): row 2" in check.out
+    assert "no answer token left): row 4" in check.out and "over data.max_seq_len=64: 1 (row 4" in check.out
 
     kto = tmp_path / "kto.json"
     kto.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "nya"}], "label": True},
                                {"messages": [{"role": "user", "content": "hi"}], "label": False}]), "utf-8")
-    check = _cli("data", "check", str(kto), "--model", str(tiny_llama))
-    assert check.returncode == 2 and "2 KTO rows, format kto_messages" in check.stdout
-    assert "desirable 1, undesirable 0" in check.stdout and "must end with an assistant turn" in check.stdout
+    rc = _main("data", "check", str(kto), "--model", str(tiny_llama))
+    check = capsys.readouterr()
+    assert rc == 2 and "2 KTO rows, format kto_messages" in check.out
+    assert "desirable 1, undesirable 0" in check.out and "must end with an assistant turn" in check.out
 
     # KTO rows given to a pairwise stage, and a file that is no preference data: one line, exit 2
     for data, stage, needle in ((kto, "dpo", "row 1: the rows are KTO rows"),
