@@ -50,8 +50,9 @@ PY = sys.executable
 
 
 def env() -> dict:
-    e = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-             TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # OMP_WAIT_POLICY: passed through as the user set it (unset: libgomp's default), as a user runs
+    # nekotune; an earlier version forced PASSIVE here, which slowed every row (3x llama.cpp's)
+    e = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     return e
 
 
@@ -169,8 +170,8 @@ def decode_rows(ctx: dict, threads: int, tokens: int, reps: int, types: list[str
                                                    "adapter": ctx["adapter"]}),
                  ("llama.cpp", f"{t} merged", {"engine": "llama.cpp", "model": str(m.model)})]
     last = ctx["files"][(types[-1], True)]
-    plan.append(("llama.cpp", f"{types[-1]} merged, OMP_WAIT_POLICY=ACTIVE",
-                 {"engine": "llama.cpp", "model": str(last.model), "omp_wait_policy": "ACTIVE"}))
+    plan.append(("llama.cpp", f"{types[-1]} merged, OMP_WAIT_POLICY=PASSIVE",
+                 {"engine": "llama.cpp", "model": str(last.model), "omp_wait_policy": "PASSIVE"}))
     rows = []
     for engine, what, job in plan:
         res = decode_job({**common, **job})
@@ -308,7 +309,8 @@ def ratio(a: dict, b: dict | None, key: str) -> str:
 def table(summary: dict) -> str:
     m = summary["machine"]
     head = (f"Run {summary['started']} on {m['cpu']} ({m['cpus']} CPUs); {summary['threads']} threads everywhere "
-            f"(OMP_WAIT_POLICY=PASSIVE unless a row says otherwise); load average {summary['load_start'][0]:.2f} at "
+            f"(OMP_WAIT_POLICY={summary.get('omp_wait_policy') or 'unset'} unless a row says otherwise); "
+            f"load average {summary['load_start'][0]:.2f} at "
             f"start, {summary['load_end'][0]:.2f} at end; fp32 matmul 1024x1024: {summary['gflops']} GFLOP/s. First "
             f"(cold) GGUF conversions, seconds: {summary['build_s']}.")
     lines = [head, "", "| group | engine | what | tok/s | tok/CPU-s | ×tf | ×tf CPU | ×llama server | wall s "
@@ -352,7 +354,6 @@ def main() -> int:
         global RUN
         RUN = Path(opts.run).resolve()
     sys.path.insert(0, str(ROOT / "src"))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from nekotune.engines.llamacpp import available, default_threads
 
     if not available():
@@ -360,7 +361,8 @@ def main() -> int:
         return 1
     threads = opts.threads or default_threads()
     types, groups = opts.types.split(","), opts.only.split(",")
-    summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": threads, "load_start": os.getloadavg(),
+    summary = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": threads,
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_start": os.getloadavg(),
                "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version()},
                "gflops": matmul_gflops(threads), "rows": []}
     ensure_run()

@@ -34,7 +34,9 @@ CPU_ACTIVATION_FACTOR = 1.25
 # below. Checked on all 11 rows of bench/estimate_memory.py (December 2026, AVX512-BF16 CPU).
 CPU_BF16_ACT_BYTES = 2.0
 SCORE_BYTES = 6  # bf16 scores, their fp32 softmax (see training/speed.py)
-CKPT_KEPT_HIDDEN = {"cpu": 2, "cuda": 2}  # hidden-sized tensors per layer and token kept under checkpointing
+# hidden-sized tensors per layer and token kept under checkpointing: fp32 on a CPU keeps fp32 copies
+# beside the layer input (6, fitted in fp32); bf16 on a CPU keeps 2, as a GPU (December 2026 run)
+CKPT_KEPT_HIDDEN = {"cpu": 6, "cpu-bf16": 2, "cuda": 2}
 SEEDS_RULES = {"lora": (3, 4), "qlora": (2.5, 2.5), "full": (20, 20)}  # GB per billion parameters
 
 
@@ -223,7 +225,8 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
     factor = CPU_ACTIVATION_FACTOR if s.device == "cpu" else 1.0  # MPS: the GPU's tensor count, no glibc
     per_layer = activation_elems_per_token_layer(arch, s) * s.act_bytes * factor
     if s.grad_ckpt:
-        kept = tokens * CKPT_KEPT_HIDDEN.get(s.device, 2) * arch.hidden * s.act_bytes * arch.layers
+        kind = "cpu-bf16" if s.device == "cpu" and s.weight_bytes == 2 else s.device
+        kept = tokens * CKPT_KEPT_HIDDEN.get(kind, 2) * arch.hidden * s.act_bytes * arch.layers
         recompute = tokens * per_layer  # one layer's activations during its recomputation
         est.items["activations (gradient checkpointing)"] = (kept + recompute) / MB
     else:

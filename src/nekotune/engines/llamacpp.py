@@ -48,15 +48,18 @@ def available() -> bool:
 
 
 def import_llama_cpp():
-    """llama_cpp, with OpenMP told not to spin (it must be set before the library loads).
+    """llama_cpp, or a one-line error saying how to install it.
 
-    ggml's OpenMP threads spin between operations by default; on a shared or oversubscribed
-    machine that spinning fights the other processes: 2 threads decoded SmolLM2 at 1 token/s here
-    (load average 8-12 on 2 cores) and at 14 with OMP_WAIT_POLICY=PASSIVE. A user's own setting wins."""
+    OpenMP's wait policy is left to the user's environment. llama.cpp's ggml shares the libgomp
+    that torch loads first (one soname), which reads OMP_WAIT_POLICY once, when the process
+    starts, so setting it here would do nothing. The default (spin briefly, then sleep) decoded
+    the demo model's predictions 3x faster than OMP_WAIT_POLICY=PASSIVE on a quiet 2-core machine
+    (17 s against 53 s); on an oversubscribed machine spinning threads fight the other processes
+    (1 token/s at load average 8-12 on 2 cores, 14 with PASSIVE), and there PASSIVE is the
+    setting to use (docs/engines.md)."""
     if not available():
         raise UserError("the llama.cpp engine needs llama-cpp-python: pip install 'nekotune[llamacpp]' "
                         "(it compiles llama.cpp, about 6 minutes on 2 cores), or set generate.engine=transformers")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import llama_cpp
 
     return llama_cpp
