@@ -7,6 +7,7 @@ estimate assumes. Target: within 15% on every row. Writes bench/results/<date>-e
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -80,8 +81,10 @@ def run_one(model: str, batch: int, seq: int, ckpt: bool, data: Path, out: Path,
 
 
 def main() -> int:
-    # `--rows 0,3`: only those rows of CONFIGS (a partial rerun; the JSON says which)
-    only = {int(i) for i in sys.argv[sys.argv.index("--rows") + 1].split(",")} if "--rows" in sys.argv else set()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=lambda v: {int(i) for i in v.split(",")}, default=set(),
+                    help="only these rows of CONFIGS, e.g. 0,3 (a partial rerun; the JSON says which)")
+    only = ap.parse_args().rows
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "rows.json"

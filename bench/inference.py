@@ -331,13 +331,10 @@ def table(summary: dict) -> str:
 
 
 def write_readme(text: str) -> None:
-    old = README.read_text(encoding="utf-8") if README.is_file() else ""
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        new = re.sub(re.escape(MARK_BEGIN) + r".*?" + re.escape(MARK_END), lambda _: block, old, flags=re.S)
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(new, encoding="utf-8")
+    sys.path.insert(0, str(HERE / "jobs"))
+    from common import replace_readme_block
+
+    replace_readme_block(README, MARK_BEGIN, MARK_END, text)
 
 
 def main() -> int:

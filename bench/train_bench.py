@@ -601,13 +601,10 @@ def markdown(s: dict) -> str:
 
 
 def write_readme(table: str) -> None:
-    text = README.read_text(encoding="utf-8") if README.is_file() else ""
-    block = f"{MARK_BEGIN}\n{table}\n{MARK_END}"
-    if MARK_BEGIN in text and MARK_END in text:
-        text = re.sub(re.escape(MARK_BEGIN) + r".*?" + re.escape(MARK_END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text, encoding="utf-8")
+    sys.path.insert(0, str(HERE / "jobs"))
+    from common import replace_readme_block
+
+    replace_readme_block(README, MARK_BEGIN, MARK_END, table)
 
 
 if __name__ == "__main__":

@@ -117,18 +117,29 @@ def test_probe_this_machine():
     assert facts.total_memory_mb and facts.total_memory_mb > 0
 
 
-def test_peak_rss_matches_the_kernel():
+def _proc_peak_kib() -> int:
     status = Path("/proc/self/status")
     if not status.is_file():
         pytest.skip("no /proc on this system")
+    return next(int(line.split()[1]) for line in status.read_text(encoding="utf-8").splitlines()
+                if line.startswith("VmHWM:"))
+
+
+def test_libc_getrusage_reads_the_same_peak_as_proc():
+    """The getrusage structure macOS is read with, checked here on Linux (ru_maxrss in KiB)."""
+    maxrss = devices.getrusage_maxrss()
+    hwm = _proc_peak_kib()
+    assert maxrss is not None and abs(maxrss - hwm) <= 0.05 * hwm + 8192
+
+
+def test_peak_rss_matches_the_kernel():
     peak = devices.peak_rss_mb()
-    hwm = next(int(line.split()[1]) for line in status.read_text(encoding="utf-8").splitlines()
-               if line.startswith("VmHWM:")) / 1024
+    hwm = _proc_peak_kib() / 1024
     assert abs(peak - hwm) <= 0.05 * hwm + 8
 
 
-def test_peak_rss_without_resource_uses_psutil(monkeypatch):
-    monkeypatch.setitem(sys.modules, "resource", None)  # `import resource` raises ImportError, as on Windows
+def test_peak_rss_without_a_kernel_peak_uses_psutil(monkeypatch):
+    monkeypatch.setattr(devices, "_kernel_peak_mb", lambda: None)  # as where no peak source answers
     import psutil
 
     assert devices.peak_rss_mb() == pytest.approx(psutil.Process().memory_info().rss / 2**20, rel=0.2)

@@ -76,3 +76,17 @@ def report(cfg: dict, cb, extra: dict | None = None) -> None:
            **(extra or {})}
     with open(f"{cfg['out']}/job_metrics.json", "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=1)
+
+
+def replace_readme_block(readme, begin: str, end: str, text: str) -> None:
+    """Put `text` between the markers `begin` and `end` in `readme` (a Path), or append the
+    marked block when the markers are not there yet; the rest of the file is kept."""
+    import re
+
+    old = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, old, flags=re.S)
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    readme.write_text(new, encoding="utf-8")

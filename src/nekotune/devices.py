@@ -343,16 +343,48 @@ def unified_items(device_items_mb: dict[str, float]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB, on Linux, macOS and Windows."""
-    if sys.platform != "win32":  # getrusage knows the peak; psutil only the current RSS there
-        try:
-            import resource
-        except ImportError:  # a Python built without it: psutil's figure below
-            pass
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return peak / MB if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
+    """Peak resident memory of this process in MB, on Linux, macOS and Windows.
+
+    No Unix-only module (`resource` does not exist on Windows): Linux reports the peak in
+    /proc/self/status (VmHWM), macOS through libc's getrusage, Windows as psutil's peak working
+    set; psutil's current RSS where none of those answers."""
+    peak = _kernel_peak_mb()
+    if peak:
+        return peak
     import psutil
 
     info = psutil.Process(os.getpid()).memory_info()
-    return float(getattr(info, "peak_wset", info.rss)) / MB  # Windows: the peak working set
+    return float(getattr(info, "peak_wset", info.rss)) / MB
+
+
+def _kernel_peak_mb() -> float | None:
+    if sys.platform.startswith("linux"):
+        try:
+            status = Path("/proc/self/status").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+        return int(kib) / 1024 if kib else None
+    if sys.platform == "darwin":
+        maxrss = getrusage_maxrss()
+        return maxrss / MB if maxrss else None  # bytes on macOS
+    return None
+
+
+def getrusage_maxrss() -> int | None:
+    """ru_maxrss of this process from libc's getrusage (bytes on macOS, KiB on Linux), or None."""
+    import ctypes
+
+    class Timeval(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("usec", ctypes.c_long)]  # 16 bytes with padding on both
+
+    class Rusage(ctypes.Structure):
+        _fields_ = [("utime", Timeval), ("stime", Timeval), ("maxrss", ctypes.c_long), ("rest", ctypes.c_long * 13)]
+
+    usage = Rusage()
+    try:
+        libc = ctypes.CDLL(None)
+        ok = libc.getrusage(0, ctypes.byref(usage)) == 0  # RUSAGE_SELF
+    except (OSError, AttributeError):  # Windows: no libc getrusage
+        return None
+    return int(usage.maxrss) if ok else None

@@ -23,56 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nekotune.engines.gguf_header import TensorInfo, tensor_infos
+
 GGML_TYPE_Q4_0 = 2
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY = 8, 9
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    ggml_type: int
-    dims: tuple[int, ...]  # GGUF order: dims[0] is the row length
-
-
-def tensor_infos(path: str | Path) -> list[TensorInfo]:
-    """The tensor table of a GGUF file, read from its header only (gguf.GGUFReader maps the whole
-    file and builds an array per vocabulary string, seconds for a 49k vocabulary)."""
-    with open(path, "rb") as fh:
-        def read(fmt: str) -> tuple:
-            size = struct.calcsize(fmt)
-            data = fh.read(size)
-            if len(data) != size:
-                raise ValueError(f"{path}: truncated GGUF header")
-            return struct.unpack(fmt, data)
-
-        def skip(vtype: int) -> None:
-            if vtype == _STRING:
-                fh.seek(read("<Q")[0], 1)
-            elif vtype == _ARRAY:
-                etype, count = read("<IQ")
-                if etype in (_STRING, _ARRAY):
-                    for _ in range(count):
-                        skip(etype)
-                else:
-                    fh.seek(_SCALAR_SIZES[etype] * count, 1)
-            else:
-                fh.seek(_SCALAR_SIZES[vtype], 1)
-
-        if fh.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        _version, n_tensors, n_kv = read("<IQQ")
-        for _ in range(n_kv):
-            fh.seek(read("<Q")[0], 1)
-            skip(read("<I")[0])
-        infos = []
-        for _ in range(n_tensors):
-            name = fh.read(read("<Q")[0]).decode("utf-8", "replace")
-            (n_dims,) = read("<I")
-            dims = read(f"<{n_dims}Q")
-            ggml_type, _offset = read("<IQ")
-            infos.append(TensorInfo(name, ggml_type, tuple(dims)))
-        return infos
 
 
 def repackable(info: TensorInfo) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Generator, Iterator, Mapping, Sequence
 
 from nekotune.engines.base import Detokenizer, check_adapter
+from nekotune.engines.gguf_header import context_length as gguf_context_length
 from nekotune.errors import UserError
 from nekotune.generate import MIN_TEMPERATURE, GenSettings
 
@@ -110,56 +111,6 @@ def _model_params(lib, use_extra_bufts: bool, overrides: int = 0):
             yield
         finally:
             high.llama_cpp.llama_model_default_params = original
-
-
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_STRING, _GGUF_ARRAY, _GGUF_U32, _GGUF_U64 = 8, 9, 4, 10
-
-
-def gguf_context_length(path: Path) -> int | None:
-    """`<arch>.context_length` from a GGUF's header, or None.
-
-    Read by hand because gguf.GGUFReader builds a numpy view per vocabulary string (14 s for
-    SmolLM2's 49k tokens here), and llama.cpp's vocabulary-only load prints its whole log."""
-    import struct
-
-    def read(fmt: str):
-        size = struct.calcsize(fmt)
-        data = fh.read(size)
-        if len(data) != size:
-            raise ValueError("truncated")
-        return struct.unpack(fmt, data)
-
-    def skip(vtype: int) -> None:
-        if vtype == _GGUF_STRING:
-            fh.seek(read("<Q")[0], 1)
-        elif vtype == _GGUF_ARRAY:
-            etype, count = read("<IQ")
-            for _ in range(count) if etype in (_GGUF_STRING, _GGUF_ARRAY) else ():
-                skip(etype)
-            if etype not in (_GGUF_STRING, _GGUF_ARRAY):
-                fh.seek(_GGUF_SCALAR_SIZES[etype] * count, 1)
-        else:
-            fh.seek(_GGUF_SCALAR_SIZES[vtype], 1)
-
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                return None
-            _version, _tensors, n_kv = read("<IQQ")
-            arch = None
-            for _ in range(n_kv):
-                key = fh.read(read("<Q")[0]).decode("utf-8", "replace")
-                (vtype,) = read("<I")
-                if key == "general.architecture" and vtype == _GGUF_STRING:
-                    arch = fh.read(read("<Q")[0]).decode("utf-8", "replace")
-                elif arch and key == f"{arch}.context_length" and vtype in (_GGUF_U32, _GGUF_U64):
-                    return int(read("<I" if vtype == _GGUF_U32 else "<Q")[0])
-                else:
-                    skip(vtype)
-    except (OSError, ValueError, KeyError, struct.error):
-        pass  # not a GGUF we can read: llama.cpp's own load says what is wrong
-    return None
 
 
 class _Sampler:
